@@ -1,0 +1,6 @@
+"""Demo data modules and models used by ``examples/`` and the tests (not needed to use the callbacks)."""
+
+from lightning_gradguard.demo.data import DigitsDataModule, FashionMNISTDataModule, SyntheticDataModule
+from lightning_gradguard.demo.models import DeepMLP, SmallCNN
+
+__all__ = ["DigitsDataModule", "FashionMNISTDataModule", "SyntheticDataModule", "DeepMLP", "SmallCNN"]
