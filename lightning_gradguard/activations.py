@@ -39,7 +39,6 @@ _MODULE_NAMES: dict[type, str] = {
     nn.Hardtanh: "tanh",
     nn.Softmax: "softmax",
     nn.LogSoftmax: "log_softmax",
-    nn.Identity: "linear",
 }
 
 _FUNCTION_NAMES: dict[Any, str] = {

@@ -83,7 +83,7 @@ class DeepMLP(ClassifierModule):
         width: int = 128,
         activation: str = "relu",
         batchnorm: bool = False,
-        lr: float = 0.05,
+        lr: float = 0.02,
         optimizer: str = "sgd",
         momentum: float = 0.9,
         weight_decay: float = 0.0,

@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin adapters over the torch-only core."""
+
+from lightning_gradguard.callbacks.weight_init import WeightInitialization
+
+__all__ = ["WeightInitialization"]
