@@ -1,6 +1,9 @@
 """lightning_gradguard: keep deep networks trainable in PyTorch Lightning."""
 
-from lightning_gradguard.callbacks import WeightInitialization
+from lightning_gradguard.callbacks import GradientClipping, WeightInitialization
+from lightning_gradguard.clipping import (
+    PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
+)
 from lightning_gradguard.graph import LayerInfo, find_layers
 from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
 
@@ -8,6 +11,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "WeightInitialization",
+    "GradientClipping",
+    "clip_by_value_",
+    "clip_by_norm_",
+    "clip_by_norm_per_group_",
+    "adaptive_clip_",
+    "global_norm",
+    "PercentileClipper",
     "initialize",
     "variance_scaling_",
     "compute_fans",

@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters over the torch-only core."""
 
+from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 
-__all__ = ["WeightInitialization"]
+__all__ = ["GradientClipping", "WeightInitialization"]

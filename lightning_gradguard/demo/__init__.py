@@ -2,5 +2,6 @@
 
 from lightning_gradguard.demo.data import DigitsDataModule, FashionMNISTDataModule, SyntheticDataModule
 from lightning_gradguard.demo.models import DeepMLP, SmallCNN
+from lightning_gradguard.demo.sequence import SequenceDataModule, VanillaRNN
 
-__all__ = ["DigitsDataModule", "FashionMNISTDataModule", "SyntheticDataModule", "DeepMLP", "SmallCNN"]
+__all__ = ["DigitsDataModule", "FashionMNISTDataModule", "SyntheticDataModule", "DeepMLP", "SmallCNN", "SequenceDataModule", "VanillaRNN"]

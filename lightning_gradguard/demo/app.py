@@ -57,16 +57,17 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, and print the test accuracy and where the TensorBoard logs are.
 
-    Returns ``{"test_acc", "log_dir", "trainer", "model"}``.
+    Returns ``{"test_acc", "test_loss", "log_dir", "trainer", "model"}``.
     """
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False) if cfg.get("run_test", True) else [{}]
     test_acc = float(results[0].get("test/acc", float("nan")))
+    test_loss = float(results[0].get("test/loss", float("nan")))
     log_dir = trainer.logger.log_dir if trainer.logger is not None else None
     if trainer.is_global_zero:
         where = f"TensorBoard logs: {log_dir}" if log_dir else "no logger configured"
-        print(f"test accuracy: {test_acc:.4f} | {where}")
+        print(f"test accuracy: {test_acc:.4f} (loss {test_loss:.4g}) | {where}")
         if log_dir:
             print(f"view them with: tensorboard --logdir {log_dir}")
-    return {"test_acc": test_acc, "log_dir": log_dir, "trainer": trainer, "model": model}
+    return {"test_acc": test_acc, "test_loss": test_loss, "log_dir": log_dir, "trainer": trainer, "model": model}

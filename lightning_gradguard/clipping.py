@@ -1,0 +1,157 @@
+"""Gradient clipping on any set of parameters, torch only, batched and free of host syncs.
+
+- :func:`clip_by_value_`: each element into [-t, t] (Keras ``clipvalue``, ``torch.nn.utils.clip_grad_value_``).
+- :func:`clip_by_norm_`: rescale so the global p-norm is at most t (Keras ``global_clipnorm``,
+  ``torch.nn.utils.clip_grad_norm_``, same ``1e-6`` in the coefficient), optionally per group (layer).
+- :func:`adaptive_clip_`: unit-wise adaptive gradient clipping, AGC (Brock et al. 2021, "High-Performance
+  Large-Scale Image Recognition Without Normalization"): per output unit, ‖g‖/max(‖w‖, eps) ≤ λ. The eps
+  floor keeps zero-initialized parameters trainable.
+- :class:`PercentileClipper`: AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
+  Source Separation Networks"): the norm threshold is the p-th percentile of the global gradient norms seen
+  so far (a ring buffer of the last ``history_size`` finite norms, on the device).
+
+All functions return tensors (never Python floats), so nothing waits for the device.
+
+Example:
+    >>> net = torch.nn.Linear(4, 2)
+    >>> net(torch.randn(8, 4)).pow(2).sum().backward()
+    >>> before = clip_by_norm_(list(net.parameters()), max_norm=0.5)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+NORM_TYPES = (2.0, "inf")
+
+
+def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _norm_type(norm_type: Union[float, str]) -> float:
+    return float("inf") if norm_type in ("inf", float("inf")) else float(norm_type)
+
+
+def global_norm(params: Iterable[torch.Tensor], norm_type: Union[float, str] = 2.0) -> torch.Tensor:
+    """The p-norm of all gradients together (as ``clip_grad_norm_`` computes it), a 0-dim tensor."""
+    grads = _grads(params)
+    p = _norm_type(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads, p)
+    stacked = torch.stack([n.to(grads[0].device, torch.float32) for n in norms])
+    return stacked.max() if p == float("inf") else torch.linalg.vector_norm(stacked, p)
+
+
+def clip_by_value_(params: Iterable[torch.Tensor], clip_value: float) -> None:
+    """Clamp every gradient element into ``[-clip_value, clip_value]`` in place."""
+    grads = _grads(params)
+    if grads:
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
+
+
+def clip_by_norm_(
+    params: Iterable[torch.Tensor], max_norm: Union[float, torch.Tensor], norm_type: Union[float, str] = 2.0,
+    total_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Rescale the gradients so their global norm is at most ``max_norm``; return the norm before."""
+    params = list(params)
+    grads = _grads(params)
+    if total_norm is None:
+        total_norm = global_norm(params, norm_type)
+    if grads:
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total_norm
+
+
+def clip_by_norm_per_group_(
+    groups: Sequence[Sequence[torch.Tensor]], max_norm: float, norm_type: Union[float, str] = 2.0
+) -> torch.Tensor:
+    """:func:`clip_by_norm_` applied to each group (e.g. each layer's parameters); return the norms before."""
+    norms = [clip_by_norm_(group, max_norm, norm_type) for group in groups if _grads(group)]
+    return torch.stack(norms) if norms else torch.zeros(0)
+
+
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output unit: over all dims but the first (one value for a bias or scalar)."""
+    if x.ndim <= 1:
+        return x.norm(2)
+    return x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def adaptive_clip_(params: Iterable[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """AGC: scale each unit's gradient so ‖g_i‖ ≤ λ·max(‖w_i‖, eps) (unit = output row/filter)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        max_norm = unitwise_norm(p.detach()).clamp(min=eps).mul_(clip_factor)
+        g_norm = unitwise_norm(g)
+        clipped = g * (max_norm / g_norm.clamp(min=1e-6))
+        g.copy_(torch.where(g_norm > max_norm, clipped, g))
+
+
+class PercentileClipper:
+    """AutoClip: clip the global norm at the ``percentile``-th percentile of past global norms.
+
+    Keeps the last ``history_size`` *finite* norms in a ring buffer on the gradients' device; until
+    ``warmup_steps`` norms are recorded, clips at ``warmup_threshold`` (or not at all when ``None``).
+
+    Example:
+        >>> clipper = PercentileClipper(percentile=10.0, history_size=1000, warmup_steps=5)
+        >>> # each step, after backward:  norm_before, threshold = clipper.clip_(model.parameters())
+    """
+
+    def __init__(
+        self, percentile: float = 10.0, history_size: int = 1000, warmup_steps: int = 10,
+        warmup_threshold: Optional[float] = None, norm_type: Union[float, str] = 2.0,
+    ) -> None:
+        self.percentile = percentile
+        self.history_size = history_size
+        self.warmup_steps = warmup_steps
+        self.warmup_threshold = warmup_threshold
+        self.norm_type = norm_type
+        self.history = torch.zeros(history_size)
+        self.count = torch.zeros((), dtype=torch.long)  # finite norms recorded so far (on the device)
+
+    def _to(self, device: torch.device) -> None:
+        if self.history.device != device:
+            self.history = self.history.to(device)
+            self.count = self.count.to(device)
+
+    def threshold(self) -> torch.Tensor:
+        """The percentile of the recorded norms (inf while nothing is recorded)."""
+        n = torch.clamp(self.count, max=self.history_size)
+        valid = torch.arange(self.history_size, device=self.history.device) < n
+        data = torch.where(valid, self.history, torch.full_like(self.history, float("nan")))
+        q = torch.nanquantile(data, self.percentile / 100.0)
+        return torch.where(n > 0, q, torch.full_like(q, float("inf")))
+
+    def clip_(self, params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record this step's global norm, clip; return (norm before, threshold in force)."""
+        params = list(params)
+        total = global_norm(params, self.norm_type)
+        self._to(total.device)
+        finite = torch.isfinite(total)
+        slot = self.count % self.history_size
+        self.history[slot] = torch.where(finite, total, self.history[slot])  # non-finite norms never poison it
+        self.count += finite.long()
+        thr = self.threshold()
+        warm = self.count < self.warmup_steps
+        fallback = torch.full_like(thr, self.warmup_threshold if self.warmup_threshold is not None else float("inf"))
+        thr = torch.where(warm, fallback, thr)
+        clip_by_norm_(params, thr, self.norm_type, total_norm=total)
+        return total, thr
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.cpu().clone(), "count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = state["history"].clone().to(self.history.device)
+        self.count = torch.tensor(int(state["count"]), device=self.history.device)
