@@ -263,3 +263,23 @@ def test_exploding_rnn_diverges_without_clipping_and_trains_with_it():
     assert not math.isfinite(baseline["test/loss"]) or baseline["test/loss"] > 1e3, baseline
     clipped = fit([GradientClipping("norm", threshold=1.0)])
     assert math.isfinite(clipped["test/loss"]) and clipped["test/acc"] > 0.35
+
+
+@pytest.mark.parametrize("preset", ["value", "norm", "agc", "percentile"])
+def test_hydra_presets_compose_and_instantiate(compose_cfg, preset):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg([f"gradguard/clip={preset}", "callbacks.grad_clip.on_nonfinite=skip"])
+    callback = instantiate(cfg.callbacks.grad_clip)
+    assert isinstance(callback, GradientClipping) and callback.algorithm == preset
+    assert callback.on_nonfinite == "skip"
+
+
+def test_hydra_bad_override_names_field_value_and_choices(compose_cfg):
+    from hydra.errors import ConfigCompositionException, InstantiationException
+    from hydra.utils import instantiate
+
+    with pytest.raises(InstantiationException, match=r"algorithm='nrom' is not one of: value, norm, agc, percentile"):
+        instantiate(compose_cfg(["gradguard/clip=norm", "callbacks.grad_clip.algorithm=nrom"]).callbacks.grad_clip)
+    with pytest.raises(ConfigCompositionException, match=r"callbacks.grad_clip.max_nrom"):
+        compose_cfg(["gradguard/clip=norm", "callbacks.grad_clip.max_nrom=1"])
