@@ -1,9 +1,11 @@
 """lightning_gradguard: keep deep networks trainable in PyTorch Lightning."""
 
-from lightning_gradguard.callbacks import GradientClipping, WeightInitialization
+from lightning_gradguard.callbacks import GradientClipping, GradientMonitor, WeightInitialization
 from lightning_gradguard.clipping import (
     PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
 )
+from lightning_gradguard.health import Finding, HealthDetector
+from lightning_gradguard.stats import grad_statistics, layer_groups
 from lightning_gradguard.graph import LayerInfo, find_layers
 from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
 
@@ -12,6 +14,11 @@ __version__ = "0.1.0"
 __all__ = [
     "WeightInitialization",
     "GradientClipping",
+    "GradientMonitor",
+    "HealthDetector",
+    "Finding",
+    "layer_groups",
+    "grad_statistics",
     "clip_by_value_",
     "clip_by_norm_",
     "clip_by_norm_per_group_",

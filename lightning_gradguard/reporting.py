@@ -32,3 +32,41 @@ def log_text(trainer: "pl.Trainer", tag: str, text: str, step: int | None = None
 def print_table(title: str, table: str) -> None:
     """Print a table on rank 0 (through Lightning's rank-zero logger, visible on the console)."""
     rank_zero_info(f"{title}\n{table}")
+
+
+def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:
+    """Scalars to every Lightning logger of the Trainer (TensorBoard, CSV, ...), rank 0 only, like
+    ``LearningRateMonitor`` does; one call per logging step."""
+    if not trainer.is_global_zero:
+        return
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=step)
+
+
+def log_histogram(trainer: "pl.Trainer", tag: str, values: list[float], step: int) -> None:
+    """A histogram computed on the device by :func:`lightning_gradguard.stats.histogram` (host values)."""
+    lo, hi, n, total, total_sq, *counts = values
+    if n <= 0:
+        return
+    bins = len(counts)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    limits = [lo + width * (i + 1) for i in range(bins)]
+    for writer in tensorboard_writers(trainer):
+        writer.add_histogram_raw(tag, lo, hi, int(n), total, total_sq, limits, counts, global_step=step)
+
+
+def log_image(trainer: "pl.Trainer", tag: str, image_hwc: Any, step: int) -> None:
+    """An ``(H, W, 3)`` uint8 image to every TensorBoard logger."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_image(tag, image_hwc, global_step=step, dataformats="HWC")
+
+
+def log_layout(trainer: "pl.Trainer", layout: dict[str, Any]) -> None:
+    """The custom-scalars layout (written once per run)."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_custom_scalars(layout)
+
+
+def flush(trainer: "pl.Trainer") -> None:
+    for writer in tensorboard_writers(trainer):
+        writer.flush()

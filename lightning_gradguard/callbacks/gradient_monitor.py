@@ -1,0 +1,367 @@
+"""``GradientMonitor``: per-layer gradient statistics, activation health and findings, cheap enough to leave on."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gradguard._validation import check_bool, check_choice, check_number
+from lightning_gradguard.health import HealthDetector, LayerRow
+from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
+from lightning_gradguard.stats import (
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_statistics, grad_statistics, histogram, layer_groups, snapshot,
+    to_host, unit_dim_for, update_ratios, weight_norms,
+)
+
+_APPLY = {
+    "relu": torch.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "elu": F.elu, "selu": F.selu,
+    "gelu": F.gelu, "silu": F.silu,
+}
+
+
+class GradientMonitor(Callback):
+    """Stream per-layer gradient statistics to TensorBoard (and every other logger) and name the layer at fault.
+
+    On each logging step (every ``log_every_n_steps`` optimizer steps; default: the Trainer's), per layer
+    (the module owning the parameters; ``per_parameter=True`` for one row per parameter):
+    ``grad_norm``, ``grad_mean``, ``grad_std``, ``grad_max`` (max |g|), ``grad_zero_frac``,
+    ``grad_nonfinite``, ``weight_norm`` (after the step), ``update_ratio`` (‖Δw‖/‖w‖ of that optimizer step,
+    ‖w‖ before it) and, from
+    forward hooks attached for that step's forward only, ``act_mean``, ``act_std``, ``act_dead_frac``
+    (ReLU units at 0 for the whole batch), ``act_saturated_frac`` (sigmoid/tanh within ``saturation_eps``
+    of a bound). Tags are ``<statistic>/<layer>`` (one TensorBoard section per statistic, one chart per
+    layer), plus ``gradguard/grad_norm_total``, ``gradguard/flow_ratio`` (first / last weighted layer's
+    gradient norm) and ``gradguard/nonfinite_total``, and a custom-scalars layout overlaying all layers.
+    Histograms (``hist_grad/``, ``hist_weight/``, ``hist_act/``) every ``histogram_every_n_steps`` (binned on
+    the device), a gradient-flow image (``gradguard/gradient_flow``) every ``figure_every_n_steps`` and at
+    the end of fit. Findings (see :mod:`lightning_gradguard.health`) become warnings and TensorBoard text
+    ``gradguard/findings``; a summary is printed and logged at the end of fit.
+
+    Cost: a step that logs nothing only compares a counter (plus, with ``nonfinite_check="every_step"``,
+    one batched norm whose result stays on the device). A logging step uses batched reductions and moves
+    everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
+    unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
+    before ``GradientClipping`` in the callback list to see the gradients before clipping.
+
+    Args:
+        log_every_n_steps: logging cadence in optimizer steps; ``None`` = ``Trainer(log_every_n_steps)``.
+        per_parameter: one row per parameter instead of per layer.
+        activation_stats: attach forward hooks on logging steps.
+        histogram_every_n_steps: 0 turns histograms off.
+        figure_every_n_steps: 0 draws the gradient-flow figure only at the end of fit.
+        nonfinite_check: ``every_step`` (remember the first step with NaN/Inf gradients and its layers,
+            on the device) or ``logging_steps`` (only look on logging steps).
+        detect: run the health detectors; their thresholds are the remaining arguments.
+        warn: issue a Python warning per finding (they are always logged as text).
+
+    Raises:
+        ValueError / TypeError: bad arguments, at construction.
+        MisconfigurationException: a Trainer without a logger.
+
+    Example::
+
+        from lightning_gradguard import GradientMonitor
+        trainer = Trainer(callbacks=[GradientMonitor()], log_every_n_steps=50)
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: Optional[int] = None,
+        per_parameter: bool = False,
+        activation_stats: bool = True,
+        histogram_every_n_steps: int = 500,
+        histogram_bins: int = 30,
+        figure_every_n_steps: int = 0,
+        nonfinite_check: Literal["every_step", "logging_steps"] = "every_step",
+        detect: bool = True,
+        vanishing_norm: float = 1e-7,
+        vanishing_ratio: float = 1e-3,
+        exploding_norm: float = 1e3,
+        growth_factor: float = 10.0,
+        dead_fraction: float = 0.5,
+        saturated_fraction: float = 0.5,
+        saturation_eps: float = 0.01,
+        patience: int = 3,
+        warn: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        self.log_every_n_steps = check_number(owner, "log_every_n_steps", log_every_n_steps, min_value=1, integer=True, allow_none=True)
+        self.per_parameter = check_bool(owner, "per_parameter", per_parameter)
+        self.activation_stats = check_bool(owner, "activation_stats", activation_stats)
+        self.histogram_every_n_steps = check_number(owner, "histogram_every_n_steps", histogram_every_n_steps, min_value=0, integer=True)
+        self.histogram_bins = check_number(owner, "histogram_bins", histogram_bins, min_value=2, integer=True)
+        self.figure_every_n_steps = check_number(owner, "figure_every_n_steps", figure_every_n_steps, min_value=0, integer=True)
+        self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, ("every_step", "logging_steps"))
+        self.detect = check_bool(owner, "detect", detect)
+        for name, value, lo, hi in (
+            ("vanishing_norm", vanishing_norm, 0.0, None), ("vanishing_ratio", vanishing_ratio, 0.0, 1.0),
+            ("exploding_norm", exploding_norm, 0.0, None), ("growth_factor", growth_factor, 1.0, None),
+            ("dead_fraction", dead_fraction, 0.0, 1.0), ("saturated_fraction", saturated_fraction, 0.0, 1.0),
+            ("saturation_eps", saturation_eps, 0.0, 0.5),
+        ):
+            check_number(owner, name, value, min_value=lo, max_value=hi, min_inclusive=False)
+        self.saturation_eps = saturation_eps
+        self.patience = check_number(owner, "patience", patience, min_value=1, integer=True)
+        self.warn = check_bool(owner, "warn", warn)
+        self.detector = HealthDetector(
+            vanishing_norm, vanishing_ratio, exploding_norm, growth_factor, dead_fraction, saturated_fraction, patience
+        )
+        self.groups: list[LayerGroup] = []
+        self._every = 1
+        self._log_step: Optional[int] = None
+        self._logging = False
+        self._grad: dict[int, torch.Tensor] = {}
+        self._before: dict[int, list[torch.Tensor]] = {}
+        self._acts: dict[int, torch.Tensor] = {}
+        self._act_hists: dict[int, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+        self._failed_hooks: set[str] = set()
+        self._nf_seen: Optional[torch.Tensor] = None
+        self._nf_layers: Optional[torch.Tensor] = None
+        self._nf_step: Optional[torch.Tensor] = None
+        self._nf_reported = False
+        self._history: list[list[float]] = []
+        self._last_norms: Optional[list[float]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(per_parameter=self.per_parameter)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use GradientMonitor with a Trainer that has no logger: pass logger=TensorBoardLogger(...)"
+            )
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self.groups = layer_groups(pl_module, self.per_parameter)
+        self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
+        layout = {
+            "gradguard": {
+                "gradient norm, all layers": ["Multiline", ["grad_norm/.*"]],
+                "update/weight ratio, all layers": ["Multiline", ["update_ratio/.*"]],
+                "dead units, all layers": ["Multiline", ["act_dead_frac/.*"]],
+                "saturated outputs, all layers": ["Multiline", ["act_saturated_frac/.*"]],
+                "global": ["Multiline", ["gradguard/grad_norm_total", "gradguard/flow_ratio", "gradguard/nonfinite_total"]],
+            }
+        }
+        log_layout(trainer, layout)
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self._every == 0
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._logging or not self._is_log_step(step) or self._log_step == step:
+            return
+        self._log_step, self._logging = step, True
+        if self.activation_stats:
+            self._attach_hooks(pl_module, step)
+
+    # ------------------------------------------------------------------------------- hooks
+    def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
+        modules = dict(pl_module.named_modules())
+        want_hist = self._is_hist_step(step)
+        for gi, g in enumerate(self.groups):
+            if g.info is None or g.frozen or gi in self._acts:
+                continue
+            act = g.activation
+            at = modules.get(g.activation_at) if g.activation_at else None
+            target, fn = (at, None) if at is not None else (g.module, _APPLY.get(act or ""))
+            unit_dim = unit_dim_for(g.module)
+
+            def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
+                if gi in self._acts:
+                    return
+                try:
+                    y = out[0] if isinstance(out, (tuple, list)) else out
+                    if not isinstance(y, torch.Tensor):
+                        raise TypeError(f"output of type {type(y).__name__}")
+                    y = y.detach()
+                    if fn is not None:
+                        y = fn(y)
+                    self._acts[gi] = activation_statistics(y, act, unit_dim, self.saturation_eps)
+                    if want_hist:
+                        self._act_hists[gi] = histogram(y, self.histogram_bins)
+                except Exception as err:  # noqa: BLE001 - diagnostics never break training
+                    if g.name not in self._failed_hooks:
+                        self._failed_hooks.add(g.name)
+                        rank_zero_warn(f"GradientMonitor: no activation statistics for layer `{g.name}` ({err}); skipped")
+
+            self._hooks.append(target.register_forward_hook(hook))
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _is_hist_step(self, step: int) -> bool:
+        return self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
+
+    # ------------------------------------------------------------------------------- the step
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+        if not mine:
+            return
+        if self.nonfinite_check == "every_step":
+            self._track_nonfinite(mine, step)
+        mine = [i for i in mine if i not in self._grad]  # manual optimization: each optimizer once per batch
+        if not self._logging or not mine:
+            return
+        sub = [self.groups[i] for i in mine]
+        table = grad_statistics(sub)
+        for row, gi in enumerate(mine):
+            self._grad[gi] = table[row]
+        before = snapshot(sub)
+        for gi in mine:
+            n = len(self.groups[gi].params)
+            self._before[gi], before = before[:n], before[n:]
+
+    def _track_nonfinite(self, mine: list[int], step: int) -> None:
+        grads = [(p.grad, gi) for gi in mine for p in self.groups[gi].params if p.grad is not None]
+        if not grads:
+            return
+        dev = grads[0][0].device
+        if self._nf_seen is None or self._nf_seen.device != dev:
+            self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
+            self._nf_layers = torch.zeros(len(self.groups), dtype=torch.bool, device=dev)
+            self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
+        norms = torch.stack(torch._foreach_norm([g for g, _ in grads], 2))
+        bad = torch.zeros(len(self.groups), dtype=torch.bool, device=dev).index_put_(
+            (torch.tensor([gi for _, gi in grads], device=dev),), ~torch.isfinite(norms), accumulate=True
+        )
+        first = (~self._nf_seen) & bad.any()
+        self._nf_layers = torch.where(first, bad, self._nf_layers)
+        self._nf_step = torch.where(first, torch.tensor(step, device=dev), self._nf_step)
+        self._nf_seen = self._nf_seen | bad.any()
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._grad:
+            return  # not a logging step, or (accumulation) the optimizer step is still to come
+        step = self._log_step if self._log_step is not None else trainer.global_step
+        try:
+            self._finish_step(trainer, step)
+        finally:
+            self._logging = False
+            self._grad.clear()
+            self._before.clear()
+            self._acts.clear()
+            self._act_hists.clear()
+            self._remove_hooks()
+
+    def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
+        idx = sorted(self._grad)
+        sub = [self.groups[i] for i in idx]
+        dev = self._grad[idx[0]].device
+        grad = torch.stack([self._grad[i] for i in idx]).to(dev)
+        wnorm = weight_norms(sub).to(dev)
+        before = [t for i in idx for t in self._before[i]]
+        ratio = update_ratios(sub, before).to(dev)
+        act_idx = [i for i in idx if i in self._acts]
+        acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
+        nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
+        nf_layers = self._nf_layers.float() if self._nf_layers is not None else torch.zeros(0, device=dev)
+        hist_tags: list[str] = []
+        hists: list[torch.Tensor] = []
+        if self._is_hist_step(step):
+            for g in sub:
+                for k, p in enumerate(g.params):
+                    suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
+                    if p.grad is not None:
+                        hist_tags.append(f"hist_grad/{suffix}")
+                        hists.append(histogram(p.grad, self.histogram_bins))
+                    hist_tags.append(f"hist_weight/{suffix}")
+                    hists.append(histogram(p, self.histogram_bins))
+            for i, h in self._act_hists.items():
+                hist_tags.append(f"hist_act/{self.groups[i].name}")
+                hists.append(h)
+        host = to_host(grad, wnorm, ratio, acts, *nf, nf_layers, *hists)  # the one device → host transfer
+        grad_h, wnorm_h, ratio_h, acts_h = host[0], host[1], host[2], host[3]
+        nf_h = host[4 : 4 + len(nf)]
+        nf_layers_h = host[4 + len(nf)]
+        hist_h = host[5 + len(nf) :]
+        k = len(GRAD_STATS)
+        metrics: dict[str, float] = {}
+        rows: list[LayerRow] = []
+        act_rows = {i: acts_h[j * len(ACT_STATS) : (j + 1) * len(ACT_STATS)] for j, i in enumerate(act_idx)}
+        for j, (i, g) in enumerate(zip(idx, sub)):
+            values = grad_h[j * k : (j + 1) * k]
+            for name, v in zip(GRAD_STATS, values):
+                metrics[f"{name}/{g.name}"] = v
+            metrics[f"weight_norm/{g.name}"] = wnorm_h[j]
+            metrics[f"update_ratio/{g.name}"] = ratio_h[j]
+            a = act_rows.get(i)
+            if a is not None:
+                for name, v in zip(ACT_STATS, a):
+                    metrics[f"{name}/{g.name}"] = v
+            dead = a[2] if a is not None and g.activation in ("relu", "relu6") else None
+            sat = a[3] if a is not None and g.activation in ("sigmoid", "tanh") else None
+            rows.append(LayerRow(g.name, g.label(), g.activation, values[0], values[5], dead, sat))
+        norms = [r.grad_norm for r in rows]
+        total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
+        weighted = [r.grad_norm for r, g in zip(rows, sub) if g.info is not None]
+        flow = weighted[0] / weighted[-1] if len(weighted) > 1 and weighted[-1] > 0 else float("nan")
+        metrics["gradguard/grad_norm_total"] = total
+        metrics["gradguard/flow_ratio"] = flow
+        metrics["gradguard/nonfinite_total"] = sum(r.grad_nonfinite for r in rows)
+        log_metrics(trainer, metrics, step)
+        for tag, values in zip(hist_tags, hist_h):
+            log_histogram(trainer, tag, values, step)
+        self._last_norms, self._last_names = norms, [g.name for g in sub]
+        self._history = (self._history + [norms])[-10:]
+        if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
+            self._draw(trainer, step)
+        if self.detect:
+            amp = getattr(trainer.precision_plugin, "scaler", None) is not None
+            if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
+                # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
+                bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
+                            for i, flag in enumerate(nf_layers_h) if flag > 0]
+                self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
+            self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
+            self._report(trainer, self.detector.update(step, rows, total, amp))
+        flush(trainer)
+
+    def _report(self, trainer: "pl.Trainer", findings: list) -> None:
+        for f in findings:
+            if self.warn:
+                rank_zero_warn(f"gradguard: {f.message}")
+            log_text(trainer, "gradguard/findings", f"[{f.kind}] {f.message}", step=f.step)
+
+    def _draw(self, trainer: "pl.Trainer", step: int) -> None:
+        if not self._last_norms or not trainer.is_global_zero:
+            return
+        from lightning_gradguard.figures import gradient_flow_image
+
+        img = gradient_flow_image(self._last_names, self._last_norms, f"gradient flow, step {step}", self._history[:-1])
+        log_image(trainer, "gradguard/gradient_flow", img, step)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hooks()
+        self._draw(trainer, trainer.global_step)
+        if self.detect:
+            summary = self.detector.summary()
+            rank_zero_info(summary)
+            log_text(trainer, "gradguard/summary", summary, step=trainer.global_step)
+        flush(trainer)
+
+    # ------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "nonfinite_reported": self._nf_reported}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state_dict.get("detector", {}))
+        self._nf_reported = bool(state_dict.get("nonfinite_reported", False))

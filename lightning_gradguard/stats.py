@@ -1,0 +1,218 @@
+"""Per-layer gradient, weight and activation statistics, batched, torch only.
+
+Everything here returns device tensors: one ``(layers, statistics)`` matrix per call, built from
+``torch._foreach_norm`` and stacked per-parameter reductions, aggregated per layer with ``index_add_``.
+The caller moves everything to the host in one transfer (:func:`to_host`).
+
+Example:
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> net(torch.randn(4, 8)).sum().backward()
+    >>> groups = layer_groups(net)
+    >>> table = grad_statistics(groups)           # (3 layers... here 2, len(GRAD_STATS)) tensor
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
+from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
+
+GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_max", "grad_zero_frac", "grad_nonfinite")
+ACT_STATS = ("act_mean", "act_std", "act_dead_frac", "act_saturated_frac")
+
+
+@dataclass
+class LayerGroup:
+    """The parameters of one layer (the module that owns them), in forward order.
+
+    ``description`` reads like ``Linear 64→64``; ``activation`` is the one that follows (weighted layers).
+    """
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    description: str
+    activation: Optional[str] = None
+    activation_at: Optional[str] = None
+    frozen: bool = False
+    info: Optional[LayerInfo] = field(default=None, repr=False)
+
+    def label(self) -> str:
+        after = f", after {self.activation}" if self.activation and self.activation not in ("linear", "unknown") else ""
+        return f"layer `{self.name}` ({self.description}{after})"
+
+
+def layer_groups(model: nn.Module, per_parameter: bool = False, sample_input: Any = None) -> list[LayerGroup]:
+    """One group per module that owns parameters directly (or per parameter), in forward order.
+
+    Weighted layers come in the order :func:`~lightning_gradguard.graph.find_layers` finds (forward order);
+    other parameter owners (normalization layers, ...) are placed right after the weighted layer registered
+    before them. Frozen parameters (``requires_grad=False``) are left out; a fully frozen layer is kept with
+    ``frozen=True`` so reports can show it.
+    """
+    layers = {info.name: info for info in find_layers(model, sample_input)}
+    order = {name: i for i, name in enumerate(layers)}
+    owners: list[tuple[float, str, nn.Module]] = []
+    last_rank = -1.0
+    for k, (name, module) in enumerate(model.named_modules()):
+        direct = list(module.parameters(recurse=False))
+        if not direct:
+            continue
+        if name in order:
+            last_rank = float(order[name])
+            owners.append((last_rank, name, module))
+        else:
+            last_rank += 1e-3
+            owners.append((last_rank, name, module))
+    owners.sort(key=lambda t: t[0])
+    groups: list[LayerGroup] = []
+    for _, name, module in owners:
+        info = layers.get(name)
+        desc = info.describe() if info else type(module).__name__
+        named = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        act = info.activation if info else None
+        where = info.activation_at if info else None
+        if not trainable:
+            groups.append(LayerGroup(name or "(root)", module, [], desc, act, where, True, info))
+        elif per_parameter:
+            for pname, p in trainable:
+                full = f"{name}.{pname}" if name else pname
+                groups.append(LayerGroup(full, module, [p], desc, act, where, False, info))
+        else:
+            groups.append(LayerGroup(name or "(root)", module, [p for _, p in trainable], desc, act, where, False, info))
+    return groups
+
+
+def _flat(groups: Sequence[LayerGroup]) -> tuple[list[torch.Tensor], list[int]]:
+    params, index = [], []
+    for gi, g in enumerate(groups):
+        for p in g.params:
+            params.append(p)
+            index.append(gi)
+    return params, index
+
+
+def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
+    """``(len(groups), len(GRAD_STATS))`` float32 tensor on the gradients' device.
+
+    Columns: L2 norm, mean, std (population), max |g|, fraction of exact zeros, count of non-finite values.
+    A layer without gradients this step reads 0 everywhere. Norms, means and spreads are computed over the
+    finite values' sums, so a NaN shows up as NaN in the norm and in the non-finite count.
+    """
+    params, index = _flat(groups)
+    have = [(p.grad, i) for p, i in zip(params, index) if p.grad is not None]
+    if not have:
+        return torch.zeros(len(groups), len(GRAD_STATS))
+    grads = [g for g, _ in have]
+    dev = grads[0].device
+    idx = torch.tensor([i for _, i in have], device=dev)
+    sq = torch.stack(torch._foreach_norm(grads, 2)).float() ** 2
+    mx = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+    sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
+    zeros = torch.stack([(g == 0).sum() for g in grads]).float()
+    nonfinite = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).float()
+    numel = torch.tensor([float(g.numel()) for g in grads], device=dev)
+    per = torch.stack([sq, sums, zeros, nonfinite, numel], dim=1)
+    agg = torch.zeros(len(groups), per.shape[1], device=dev).index_add_(0, idx, per)
+    gmax = torch.zeros(len(groups), device=dev).scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
+    n = agg[:, 4].clamp(min=1.0)
+    mean = agg[:, 1] / n
+    var = (agg[:, 0] / n - mean**2).clamp(min=0.0)
+    return torch.stack([agg[:, 0].sqrt(), mean, var.sqrt(), gmax, agg[:, 2] / n, agg[:, 3]], dim=1)
+
+
+def weight_norms(groups: Sequence[LayerGroup]) -> torch.Tensor:
+    """L2 norm of each group's parameters together, ``(len(groups),)``."""
+    params, index = _flat(groups)
+    if not params:
+        return torch.zeros(len(groups))
+    dev = params[0].device
+    sq = torch.stack(torch._foreach_norm([p.detach() for p in params], 2)).float() ** 2
+    return torch.zeros(len(groups), device=dev).index_add_(0, torch.tensor(index, device=dev), sq).sqrt()
+
+
+def snapshot(groups: Sequence[LayerGroup]) -> list[torch.Tensor]:
+    """A copy of every parameter (before an optimizer step), for :func:`update_ratios`."""
+    params, _ = _flat(groups)
+    return [p.detach().clone() for p in params]
+
+
+def update_ratios(groups: Sequence[LayerGroup], before: list[torch.Tensor]) -> torch.Tensor:
+    """‖w_after − w_before‖ / ‖w_before‖ per group (0 where the weights are 0), ``(len(groups),)``."""
+    params, index = _flat(groups)
+    if not params:
+        return torch.zeros(len(groups))
+    dev = params[0].device
+    diff = torch._foreach_sub([p.detach() for p in params], before)
+    idx = torch.tensor(index, device=dev)
+    d2 = torch.stack(torch._foreach_norm(diff, 2)).float() ** 2
+    w2 = torch.stack(torch._foreach_norm(before, 2)).float() ** 2
+    d = torch.zeros(len(groups), device=dev).index_add_(0, idx, d2).sqrt()
+    w = torch.zeros(len(groups), device=dev).index_add_(0, idx, w2).sqrt()
+    return torch.where(w > 0, d / w.clamp(min=1e-30), torch.zeros_like(d))
+
+
+def activation_statistics(out: torch.Tensor, activation: Optional[str], unit_dim: int, eps: float = 0.01) -> torch.Tensor:
+    """``(len(ACT_STATS),)`` for one activation output: mean, std, fraction of dead units (ReLU family:
+    a unit whose output is 0 for every sample and position of the batch), fraction of saturated values
+    (sigmoid/tanh: within ``eps`` of a bound)."""
+    x = out.detach().float()
+    mean, std = x.mean(), x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
+    dead = torch.zeros((), device=x.device)
+    if activation in RELU_FAMILY and x.dim() >= 2:
+        per_unit = x.transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim])  # (everything else, units)
+        dead = (per_unit == 0).all(dim=0).float().mean()
+    sat = torch.zeros((), device=x.device)
+    if activation in SATURATING_BOUNDS:
+        lo, hi = SATURATING_BOUNDS[activation]
+        sat = ((x <= lo + eps) | (x >= hi - eps)).float().mean()
+    return torch.stack([mean, std, dead, sat])
+
+
+def histogram(x: torch.Tensor, bins: int = 30) -> torch.Tensor:
+    """Fixed-bin histogram on the device: ``[min, max, n, sum, sum_sq, counts...]`` (bins + 5 values)."""
+    v = x.detach().float().flatten()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return torch.zeros(bins + 5, device=x.device)
+    lo, hi = v.min(), v.max()
+    counts = _histc(v, lo, hi, bins)  # histc needs host-side bounds; this does not
+    head = torch.stack([lo, hi, torch.tensor(float(v.numel()), device=v.device), v.sum(), (v * v).sum()])
+    return torch.cat([head, counts])
+
+
+def _histc(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    width = (hi - lo).clamp(min=1e-12)
+    idx = ((v - lo) / width * bins).long().clamp(0, bins - 1)
+    return torch.zeros(bins, device=v.device).index_add_(0, idx, torch.ones_like(v))
+
+
+def to_host(*tensors: torch.Tensor) -> list[list[float]]:
+    """Move several tensors to the host in one transfer; return each flattened as a Python list."""
+    flat = [t.detach().float().flatten() for t in tensors]
+    if not flat:
+        return []
+    dev = flat[0].device
+    joined = torch.cat([t.to(dev) for t in flat]).cpu().tolist()
+    out, k = [], 0
+    for t in flat:
+        out.append(joined[k : k + t.numel()])
+        k += t.numel()
+    return out
+
+
+def unit_dim_for(module: nn.Module) -> int:
+    """Which output dim holds the units: channels (dim 1) for convolutions, else the last dim."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+__all__ = [
+    "LayerGroup", "layer_groups", "grad_statistics", "weight_norms", "snapshot", "update_ratios",
+    "activation_statistics", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
+]
