@@ -1,6 +1,9 @@
 """lightning_gradguard: keep deep networks trainable in PyTorch Lightning."""
 
-from lightning_gradguard.callbacks import GradientClipping, GradientMonitor, WeightInitialization
+from lightning_gradguard.callbacks import (
+    ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization,
+)
+from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec
 from lightning_gradguard.clipping import (
     PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
 )
@@ -13,6 +16,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "WeightInitialization",
+    "BatchNormInsertion",
+    "ActivationReplacement",
+    "insert_batchnorm",
+    "replace_activations",
+    "restore",
+    "surgery_spec",
+    "Normalized",
     "GradientClipping",
     "GradientMonitor",
     "HealthDetector",

@@ -36,11 +36,22 @@ def print_table(title: str, table: str) -> None:
 
 def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:
     """Scalars to every Lightning logger of the Trainer (TensorBoard, CSV, ...), rank 0 only, like
-    ``LearningRateMonitor`` does; one call per logging step."""
+    ``LearningRateMonitor`` does; one call per logging step.
+
+    For a TensorBoard logger all values go into *one* event (one ``Summary`` with many values) instead of
+    one ``add_scalar`` event each: the writer's queue holds 10 events, so hundreds of per-layer scalars
+    written one by one wait on the writer thread (measured ~45 ms per step for 600 scalars).
+    """
     if not trainer.is_global_zero:
         return
     for lg in trainer.loggers:
-        lg.log_metrics(metrics, step=step)
+        if isinstance(lg, TensorBoardLogger):
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+            lg.experiment._get_file_writer().add_summary(Summary(value=values), step)
+        else:
+            lg.log_metrics(metrics, step=step)
 
 
 def log_histogram(trainer: "pl.Trainer", tag: str, values: list[float], step: int) -> None:

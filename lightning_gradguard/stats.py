@@ -115,9 +115,9 @@ def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
     sq = torch.stack(torch._foreach_norm(grads, 2)).float() ** 2
     mx = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
     sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
-    zeros = torch.stack([(g == 0).sum() for g in grads]).float()
-    nonfinite = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).float()
     numel = torch.tensor([float(g.numel()) for g in grads], device=dev)
+    zeros = numel - torch.stack([torch.count_nonzero(g) for g in grads]).float()
+    nonfinite = numel - torch.stack([torch.isfinite(g).sum() for g in grads]).float()
     per = torch.stack([sq, sums, zeros, nonfinite, numel], dim=1)
     agg = torch.zeros(len(groups), per.shape[1], device=dev).index_add_(0, idx, per)
     gmax = torch.zeros(len(groups), device=dev).scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
@@ -163,7 +163,7 @@ def activation_statistics(out: torch.Tensor, activation: Optional[str], unit_dim
     a unit whose output is 0 for every sample and position of the batch), fraction of saturated values
     (sigmoid/tanh: within ``eps`` of a bound)."""
     x = out.detach().float()
-    mean, std = x.mean(), x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
+    std, mean = torch.std_mean(x) if x.numel() > 1 else (torch.zeros((), device=x.device), x.mean())
     dead = torch.zeros((), device=x.device)
     if activation in RELU_FAMILY and x.dim() >= 2:
         per_unit = x.transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim])  # (everything else, units)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any, Literal, Optional
@@ -125,7 +126,8 @@ class GradientMonitor(Callback):
         self._hooks: list[Any] = []
         self._failed_hooks: set[str] = set()
         self._nf_seen: Optional[torch.Tensor] = None
-        self._nf_layers: Optional[torch.Tensor] = None
+        self._nf_params: Optional[torch.Tensor] = None
+        self._nf_key: tuple = ()
         self._nf_step: Optional[torch.Tensor] = None
         self._nf_reported = False
         self._history: list[list[float]] = []
@@ -154,6 +156,9 @@ class GradientMonitor(Callback):
             }
         }
         log_layout(trainer, layout)
+        layers = [{"name": g.name, "type": g.description, "activation": g.activation, "frozen": g.frozen}
+                  for g in self.groups]
+        log_text(trainer, "gradguard/layers", json.dumps(layers), step=0)  # forward order, for `gradguard report`
 
     def _is_log_step(self, step: int) -> bool:
         return step % self._every == 0
@@ -229,22 +234,23 @@ class GradientMonitor(Callback):
             self._before[gi], before = before[:n], before[n:]
 
     def _track_nonfinite(self, mine: list[int], step: int) -> None:
-        grads = [(p.grad, gi) for gi in mine for p in self.groups[gi].params if p.grad is not None]
-        if not grads:
+        """Remember, on the device, the first step with a NaN/Inf gradient and which parameters had one
+        (a handful of batched ops; nothing crosses to the host until the next logging step)."""
+        pairs = [(p.grad, gi) for gi in mine for p in self.groups[gi].params if p.grad is not None]
+        if not pairs:
             return
-        dev = grads[0][0].device
-        if self._nf_seen is None or self._nf_seen.device != dev:
+        key = tuple(gi for _, gi in pairs)
+        dev = pairs[0][0].device
+        if self._nf_key != key or self._nf_seen is None or self._nf_seen.device != dev:
+            self._nf_key = key
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
-            self._nf_layers = torch.zeros(len(self.groups), dtype=torch.bool, device=dev)
+            self._nf_params = torch.zeros(len(key), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
-        norms = torch.stack(torch._foreach_norm([g for g, _ in grads], 2))
-        bad = torch.zeros(len(self.groups), dtype=torch.bool, device=dev).index_put_(
-            (torch.tensor([gi for _, gi in grads], device=dev),), ~torch.isfinite(norms), accumulate=True
-        )
-        first = (~self._nf_seen) & bad.any()
-        self._nf_layers = torch.where(first, bad, self._nf_layers)
-        self._nf_step = torch.where(first, torch.tensor(step, device=dev), self._nf_step)
-        self._nf_seen = self._nf_seen | bad.any()
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)))
+        first = bad.any() & ~self._nf_seen
+        self._nf_params = torch.where(first, bad, self._nf_params)
+        self._nf_step = torch.where(first, step, self._nf_step)
+        self._nf_seen = self._nf_seen | first
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -273,7 +279,7 @@ class GradientMonitor(Callback):
         act_idx = [i for i in idx if i in self._acts]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
-        nf_layers = self._nf_layers.float() if self._nf_layers is not None else torch.zeros(0, device=dev)
+        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
         if self._is_hist_step(step):
@@ -328,18 +334,18 @@ class GradientMonitor(Callback):
             amp = getattr(trainer.precision_plugin, "scaler", None) is not None
             if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
                 # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
+                bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
                 bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
-                            for i, flag in enumerate(nf_layers_h) if flag > 0]
+                            for i in bad_groups]
                 self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
             self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
             self._report(trainer, self.detector.update(step, rows, total, amp))
-        flush(trainer)
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:
             if self.warn:
                 rank_zero_warn(f"gradguard: {f.message}")
-            log_text(trainer, "gradguard/findings", f"[{f.kind}] {f.message}", step=f.step)
+            log_text(trainer, "gradguard/findings", f"[{f.kind}] {f.message}", step=f.step)  # flushes
 
     def _draw(self, trainer: "pl.Trainer", step: int) -> None:
         if not self._last_norms or not trainer.is_global_zero:

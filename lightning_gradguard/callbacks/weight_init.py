@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number, check_patterns
 from lightning_gradguard.callbacks._common import run_when_model_exists, sample_batch_provider
+from lightning_gradguard.callbacks._surgery_base import run_surgery_first
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
     initialize,
@@ -99,6 +100,7 @@ class WeightInitialization(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" or getattr(pl_module, _DONE_ATTR, False):
             return
+        run_surgery_first(trainer, pl_module, stage)  # init must see the final layers and activations
         sample = sample_batch_provider(trainer, pl_module)
 
         def apply() -> None:
