@@ -1,7 +1,7 @@
 """lightning_gradguard: keep deep networks trainable in PyTorch Lightning."""
 
 from lightning_gradguard.callbacks import (
-    ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization,
+    ActivationReplacement, BatchNormInsertion, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
 )
 from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec
 from lightning_gradguard.clipping import (
@@ -15,6 +15,7 @@ from lightning_gradguard.init import InitRecord, compute_fans, initialize, varia
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradGuard",
     "WeightInitialization",
     "BatchNormInsertion",
     "ActivationReplacement",

@@ -63,3 +63,24 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         return batch
 
     return provide
+
+
+def resume_checkpoint_path(trainer: "pl.Trainer") -> Optional[str]:
+    """The ``ckpt_path`` the running ``trainer.fit`` will restore, if any, while still in ``setup``.
+
+    Lightning restores checkpoints after the callbacks' ``setup`` and sets ``trainer.ckpt_path`` only then;
+    the path is a local of ``Trainer._run`` until that point, so it is read from that frame. Best effort:
+    ``None`` when it cannot be found (then the restore simply overwrites what ``setup`` did).
+    """
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+                path = frame.f_locals.get("ckpt_path")
+                return str(path) if path else None
+            frame = frame.f_back
+    finally:
+        del frame
+    return trainer.ckpt_path

@@ -6,9 +6,12 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number, check_patterns
-from lightning_gradguard.callbacks._common import run_when_model_exists, sample_batch_provider
+from lightning_gradguard.callbacks._common import (
+    resume_checkpoint_path, run_when_model_exists, sample_batch_provider,
+)
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
@@ -23,9 +26,8 @@ class WeightInitialization(Callback):
     """Initialize every weighted layer to match the activation that follows it (Keras semantics).
 
     Runs once, in ``setup("fit")`` (or right after ``configure_model`` for models built there), before
-    the optimizer exists. Never on ``validate``/``test``/``predict``, never twice on the same module.
-    When fit resumes from a checkpoint, Lightning restores the checkpoint's weights after this runs, so
-    the trained weights are what training continues from; the table then says so. The schemes, fans and
+    the optimizer exists. Never on ``validate``/``test``/``predict``, never twice on the same module, and
+    not when ``fit`` resumes from a checkpoint (``ckpt_path=...``): the trained weights are kept. The schemes, fans and
     ``auto`` rules are documented in :mod:`lightning_gradguard.init`.
 
     Args:
@@ -92,6 +94,7 @@ class WeightInitialization(Callback):
         self.verbose = check_bool(owner, "verbose", verbose)
         self.records: list[InitRecord] = []
         self.resumed = False
+        self.resumed_from: Optional[str] = None
 
     @property
     def state_key(self) -> str:
@@ -101,6 +104,11 @@ class WeightInitialization(Callback):
         if stage != "fit" or getattr(pl_module, _DONE_ATTR, False):
             return
         run_surgery_first(trainer, pl_module, stage)  # init must see the final layers and activations
+        self.resumed_from = resume_checkpoint_path(trainer)
+        if self.resumed_from:  # a trained model is never re-initialized
+            self.resumed = True
+            setattr(pl_module, _DONE_ATTR, True)
+            return
         sample = sample_batch_provider(trainer, pl_module)
 
         def apply() -> None:
@@ -116,6 +124,9 @@ class WeightInitialization(Callback):
         run_when_model_exists(pl_module, apply)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.resumed_from:
+            rank_zero_info(f"gradguard weight initialization: skipped, resuming from {self.resumed_from}")
+            return
         if not self.records:
             return
         table = format_table(self.records)

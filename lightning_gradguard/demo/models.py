@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -69,6 +69,8 @@ class DeepMLP(ClassifierModule):
         width: units per hidden layer.
         activation: one of relu, leaky_relu, prelu, rrelu, elu, selu, gelu, silu, sigmoid, tanh.
         batchnorm: insert ``BatchNorm1d`` before each activation (off by default).
+        init_std: if set, every Linear weight is drawn from N(0, init_std²) and biases are 0 (a "bad init"
+            demo, e.g. ``init_std=1.0``); default: PyTorch's own init.
         lr, optimizer, momentum, weight_decay: the optimizer (``sgd`` or ``adam``).
 
     Example:
@@ -83,6 +85,7 @@ class DeepMLP(ClassifierModule):
         width: int = 128,
         activation: str = "relu",
         batchnorm: bool = False,
+        init_std: Optional[float] = None,
         lr: float = 0.02,
         optimizer: str = "sgd",
         momentum: float = 0.9,
@@ -95,6 +98,7 @@ class DeepMLP(ClassifierModule):
         check_number(owner, "num_classes", num_classes, min_value=2, integer=True)
         check_choice(owner, "activation", activation, ACTIVATION_NAMES)
         check_bool(owner, "batchnorm", batchnorm)
+        check_number(owner, "init_std", init_std, min_value=0.0, min_inclusive=False, allow_none=True)
         input_shape = [int(s) for s in input_shape]
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -107,6 +111,12 @@ class DeepMLP(ClassifierModule):
             fan_in = width
         layers.append(nn.Linear(fan_in, num_classes))
         self.net = nn.Sequential(*layers)
+        if init_std is not None:
+            with torch.no_grad():
+                for m in self.net.modules():
+                    if isinstance(m, nn.Linear):
+                        m.weight.normal_(0.0, init_std)
+                        m.bias.zero_()
 
 
 class SmallCNN(ClassifierModule):

@@ -1,0 +1,206 @@
+"""GradGuard: the probe leaves everything as it found it, each decision rule fires when its measurement says
+so and not otherwise, the remedies reach the real model, and checkpoints resume without a new probe."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+import lightning_gradguard
+from lightning_gradguard import GradGuard, GradientMonitor, Normalized
+from lightning_gradguard.callbacks.gradguard import _loss_of
+from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SequenceDataModule, SyntheticDataModule, VanillaRNN
+from lightning_gradguard.doctor import probe
+from tests.helpers import load_events, read_texts
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    opts = dict(max_epochs=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="tb"), enable_progress_bar=False,
+                enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def _decisions(gg):
+    return {d.remedy: d.status for d in gg.decisions}
+
+
+class WithBN(DeepMLP):
+    def __init__(self):
+        super().__init__(input_shape=[16], num_classes=4, depth=3, width=16, batchnorm=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(F.dropout(self(x), 0.5, self.training), y)
+
+
+def test_probe_restores_weights_bn_stats_grads_and_rng():
+    model = WithBN()
+    dm = SyntheticDataModule(num_samples=128, input_shape=[16])
+    dm.setup()
+    batches = [b for _, b in zip(range(3), dm.train_dataloader())]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    result = probe(model, batches, _loss_of)
+    assert len(result.losses) == 3 and result.flow_ratio > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN running stats included
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_healthy_model_gets_no_architecture_change(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False)
+    model = DeepMLP()
+    _trainer(tmp_path, [gg], max_steps=2).fit(model, datamodule=DigitsDataModule())
+    d = _decisions(gg)
+    assert d["batchnorm"] == "not applied" and d["activation"] == "not applied" and d["clipping"] == "not applied"
+    assert not any(isinstance(m, Normalized) for m in model.modules())
+
+
+def test_deep_sigmoid_fires_batchnorm_and_activation_rules_and_fixes_it(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(verbose=False)
+    model = DeepMLP(depth=20, activation="sigmoid")
+    trainer = _trainer(tmp_path, [gg], max_epochs=5)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    rows = {d.remedy: d for d in gg.decisions}
+    assert "flow ratio" in rows["batchnorm"].measurement and rows["batchnorm"].status != "not applied"
+    assert rows["activation"].status != "not applied"
+    assert any(isinstance(m, Normalized) for m in model.modules())  # applied to the real model
+    assert not any(isinstance(m, nn.Sigmoid) for m in model.modules())
+    acc = trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"]
+    assert acc >= 0.85, acc
+    texts = read_texts(load_events(trainer.logger.log_dir), "gradguard/decisions")
+    assert texts and "batchnorm" in texts[0] and "probe and trials" in texts[0]
+    assert any(t.startswith("grad_norm/") for t in load_events(trainer.logger.log_dir).Tags()["scalars"])  # its monitor
+
+
+def test_conservative_only_suggests(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(architecture_changes=False, monitor=False, verbose=False)
+    model = DeepMLP(depth=20, activation="sigmoid")
+    _trainer(tmp_path, [gg], max_steps=1).fit(model, datamodule=DigitsDataModule())
+    statuses = _decisions(gg)
+    assert statuses["batchnorm"].startswith("suggested") or statuses["activation"].startswith("suggested")
+    assert not any(isinstance(m, Normalized) for m in model.modules())
+    assert any(isinstance(m, nn.Sigmoid) for m in model.modules())
+
+
+def test_dead_relu_rule(tmp_path):
+    model = DeepMLP(input_shape=[16], num_classes=4, depth=3, width=16)
+    with torch.no_grad():
+        model.net[3].bias.fill_(-50.0)
+    gg = GradGuard(init="off", batchnorm="off", monitor=False, verbose=False)
+    _trainer(tmp_path, [gg], max_steps=1).fit(model, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    row = next(d for d in gg.decisions if d.remedy == "activation")
+    assert "dead units 100%" in row.measurement
+    assert _decisions(gg)["init"] == "off"
+
+
+def test_recurrent_model_gets_clipping(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False, trial_steps=8)
+    _trainer(tmp_path, [gg], max_steps=2).fit(VanillaRNN(), datamodule=SequenceDataModule(num_samples=512))
+    row = next(d for d in gg.decisions if d.remedy == "clipping")
+    assert row.status == "applied" and "recurrent layer" in row.measurement
+    assert "clipping" in gg.subs
+
+
+def test_off_and_force_modes(tmp_path):
+    gg = GradGuard(init="off", batchnorm="force", activation="off", clipping="force", monitor=False, verbose=False)
+    model = DeepMLP(input_shape=[16], num_classes=4, depth=2, width=8)
+    _trainer(tmp_path, [gg], max_steps=1).fit(model, datamodule=SyntheticDataModule(num_samples=128, input_shape=[16]))
+    d = _decisions(gg)
+    assert d["init"] == "off" and d["activation"] == "off" and d["batchnorm"] == "forced" and d["clipping"] == "forced"
+    assert any(isinstance(m, Normalized) for m in model.modules())
+
+
+def test_existing_monitor_is_not_duplicated(tmp_path):
+    gg = GradGuard(verbose=False)
+    _trainer(tmp_path, [GradientMonitor(), gg], max_steps=1).fit(
+        DeepMLP(input_shape=[16], num_classes=4, depth=1, width=8), datamodule=SyntheticDataModule(num_samples=64, input_shape=[16]))
+    assert "monitor" not in gg.subs and _decisions(gg)["monitor"] == "already on the Trainer"
+
+
+class RestoringMLP(DeepMLP):
+    def on_load_checkpoint(self, checkpoint):
+        lightning_gradguard.restore(self, checkpoint)
+
+
+def test_checkpoint_resume_reapplies_decisions_without_probing(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False)
+    model = RestoringMLP(depth=20, activation="sigmoid")
+    trainer = _trainer(tmp_path, [gg], max_epochs=1)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    ckpt = tmp_path / "g.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    resumed_gg = GradGuard(monitor=False, verbose=False)
+    resumed = RestoringMLP(depth=20, activation="sigmoid")
+    trainer2 = _trainer(tmp_path, [resumed_gg], max_epochs=1)
+    trainer2.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=ckpt)
+    assert resumed_gg.cost_steps == 0  # no probe, no trial
+    assert resumed_gg.remedies == gg.remedies
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in resumed.state_dict().items())
+    loaded = RestoringMLP.load_from_checkpoint(ckpt)
+    assert list(loaded.state_dict()) == list(saved["state_dict"])
+
+
+class Manual(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_manual_optimization_is_not_probed(tmp_path):
+    gg = GradGuard(monitor=False, verbose=False)
+    _trainer(tmp_path, [gg], max_steps=2).fit(Manual(), datamodule=SyntheticDataModule(num_samples=64, input_shape=[16]))
+    d = {x.remedy: x for x in gg.decisions}
+    assert d["init"].status == "applied" and "manual optimization" in d["init"].measurement
+    assert d["batchnorm"].status == "not probed"
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"init": "yes"}, ["init='yes'", "auto, force, off"]),
+        ({"clip_algorithm": "autoclip"}, ["clip_algorithm='autoclip'", "percentile"]),
+        ({"trial_steps": 2}, ["trial_steps=2", ">= 4"]),
+        ({"flow_threshold": 0}, ["flow_threshold=0", "> 0.0"]),
+        ({"saturating_target": "sigmoid"}, ["saturating_target='sigmoid'", "elu"]),
+    ],
+)
+def test_constructor_rejects_bad_input(kwargs, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        GradGuard(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("preset", ["auto", "conservative", "off"])
+def test_presets(compose_cfg, preset):
+    cfg = compose_cfg([f"gradguard={preset}"])
+    gg = instantiate(cfg.callbacks.gradguard)
+    assert isinstance(gg, GradGuard)
+    assert gg.architecture_changes == (preset != "conservative")
+    assert (gg.modes["init"] == "off") == (preset == "off")
