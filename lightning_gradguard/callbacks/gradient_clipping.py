@@ -190,6 +190,13 @@ class GradientClipping(Callback):
         """(go on clipping?, the norm to use): a non-finite step under warn is left alone; under skip its
         gradients are zeroed and its norm reads 0, so the clipping that follows leaves them at zero."""
         finite = torch.isfinite(norm)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must take the same decision (a gradient changed after DDP's all-reduce may differ);
+            # an on-device all-reduce, on every rank, before any rank-dependent branch
+            flag = (~finite).float()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = flag == 0
+            norm = torch.where(finite, norm, torch.full_like(norm, float("nan")))
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             self._amp_overflow += (~finite).long()  # the scaler skips such a step itself
             pl_module.log("gradguard/clip/amp_overflow_steps", self._amp_overflow.float(), on_step=True, batch_size=1)
