@@ -114,6 +114,8 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
     if callable(sample_input) and not isinstance(sample_input, (torch.Tensor, nn.Module)):
         sample_input = sample_input()  # a lazy batch provider: only called when a batch is needed
     layers: Optional[list[LayerInfo]] = None
+    if getattr(type(model).forward, "__name__", "") == "_forward_unimplemented" and method == "auto":
+        return _with_recurrent(_from_module_order(model))  # e.g. a LightningModule using self.net directly
     if method in ("auto", "fx"):
         layers = _from_fx(model)
         if layers is None and method == "fx":
@@ -122,6 +124,10 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
         layers = _from_trace(model, sample_input)
     if layers is None:
         layers = _from_module_order(model)
+    return _with_recurrent(layers)
+
+
+def _with_recurrent(layers: list[LayerInfo]) -> list[LayerInfo]:
     for info in layers:
         if isinstance(info.module, nn.RNNBase):
             info.activation, info.activation_at = "recurrent", None

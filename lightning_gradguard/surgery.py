@@ -7,8 +7,8 @@ of the model can be given the same structure before loading a checkpoint: :func:
 
 BatchNorm insertion wraps a layer in :class:`Normalized` (``layer`` → ``post`` BN; or a ``pre`` BN on the
 model input), or, for ``position="after_activation"``, wraps the activation module the same way. The output
-layer (the last weighted layer in forward order) is left alone; layers already followed by a normalization
-layer are skipped; Linear layers applied to ``(B, T, F)`` inputs are normalized over the feature dim.
+layer (the last weighted layer in forward order) and frozen layers (no trainable parameter) are left alone;
+layers already followed by a normalization layer are skipped; Linear layers applied to ``(B, T, F)`` inputs are normalized over the feature dim.
 With ``remove_bias`` the bias of a layer feeding a BN directly is dropped (BN's β does its job).
 
 Example:
@@ -181,6 +181,8 @@ def insert_batchnorm(
             continue
         if any(fnmatch.fnmatchcase(info.name, p) for p in exclude):
             continue
+        if not any(p.requires_grad for p in info.module.parameters()):
+            continue  # frozen (pretrained) layers keep their function
         first = info is all_layers[0]
         pre = None
         if first and input_batchnorm:
