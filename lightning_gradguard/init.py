@@ -44,6 +44,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_choice, check_number
 from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
 
@@ -189,9 +190,7 @@ def format_table(records: Sequence[InitRecord]) -> str:
          f"{r.target_std:.4g}", f"{r.achieved_std:.4g}", r.note)
         for r in records
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return text_table(head, rows)
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lightning_gradguard._text import text_table
+
 
 class ReportError(Exception):
     """A folder that holds no gradguard data, or another input problem; the message says which."""
@@ -149,12 +151,6 @@ def _fmt(v: Optional[float]) -> str:
     return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def format_run(run: RunSummary, color: bool = False) -> str:
     red, bold, reset = ("\033[31m", "\033[1m", "\033[0m") if color else ("", "", "")
     head = ("layer", "type", "activation", "grad norm first", "last", "median", "update ratio", "dead", "saturated", "findings")
@@ -164,7 +160,7 @@ def format_run(run: RunSummary, color: bool = False) -> str:
         for l in run.layers
     ]
     where = f" (at step {run.step})" if run.step is not None else ""
-    parts = [f"{bold}run: {run.run}{where}{reset}", _table(head, rows)]
+    parts = [f"{bold}run: {run.run}{where}{reset}", text_table(head, rows)]
     metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in run.metrics.items())
     if metrics:
         parts.append(f"metrics: {metrics}")
@@ -185,7 +181,7 @@ def format_comparison(runs: Sequence[RunSummary]) -> str:
          _fmt(r.metrics.get("test/acc")))
         for r in runs
     ]
-    return "comparison\n" + _table(head, rows)
+    return "comparison\n" + text_table(head, rows)
 
 
 def write_png(runs: Sequence[RunSummary], path: str) -> int:

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_gradguard._text import text_table
 from lightning_gradguard.activations import (
     ACTIVATION_NAMES, activation_function_name, activation_method_name, activation_module_name, make_activation,
 )
@@ -62,9 +63,7 @@ def format_changes(changes: Sequence[Change]) -> str:
     rows = [(c.path, c.before, c.after, f"{c.params_delta:+d}", c.note) for c in changes]
     if not rows:
         return "no changes"
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return text_table(head, rows)
 
 
 class Normalized(nn.Module):

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SmallCNN
-from lightning_gradguard.demo.app import ConfigError, build, run
+from lightning_gradguard.demo.app import build, run
 from tests.conftest import FAST
 from tests.helpers import load_events
 
@@ -85,24 +84,6 @@ def test_deep_mlp_structure():
     assert SmallCNN()(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.parametrize(
-    "override, exc, words",
-    [
-        ("model.activation=sigmoidd", InstantiationException, ["activation='sigmoidd'", "sigmoid, tanh", "model"]),
-        ("model.depth=0", InstantiationException, ["depth=0", ">= 1"]),
-        ("data.batch_size=abc", InstantiationException, ["batch_size='abc'", "integer"]),
-        ("model.optimizer=adamw", InstantiationException, ["optimizer='adamw'", "sgd, adam"]),
-        ("trainer.max_epochs=-1", ConfigError, ["trainer.max_epochs=-1", ">= 1"]),
-        ("model.foo=1", ConfigCompositionException, ["model.foo"]),
-    ],
-)
-def test_bad_overrides_name_key_value_and_allowed(compose_cfg, override, exc, words):
-    with pytest.raises(exc) as info:
-        cfg = compose_cfg([override])
-        build(cfg)
-    text = str(info.value) + str(getattr(info.value, "__cause__", ""))
-    for word in words:
-        assert word in text, (word, text)
 
 
 def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -228,23 +228,6 @@ def test_percentile_state_survives_checkpoint(tmp_path):
     assert torch.equal(resumed._percentile.history.cpu(), clip._percentile.history.cpu())
 
 
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        ({"algorithm": "clipnorm"}, ["algorithm='clipnorm'", "value, norm, agc, percentile"]),
-        ({"threshold": -1.0}, ["threshold=-1.0", "> 0"]),
-        ({"threshold": "abc"}, ["threshold='abc'", "number"]),
-        ({"norm_type": 1}, ["norm_type=1", "2, inf"]),
-        ({"percentile": 120.0}, ["percentile=120.0", "<= 100"]),
-        ({"on_nonfinite": "ignore"}, ["on_nonfinite='ignore'", "skip, warn, raise"]),
-        ({"algorithm": "value", "per_layer": True}, ["per_layer=True", "algorithm='norm'"]),
-    ],
-)
-def test_constructor_rejects_bad_input(kwargs, words):
-    with pytest.raises((ValueError, TypeError)) as info:
-        GradientClipping(**kwargs)
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
 
 
 def test_exploding_rnn_diverges_without_clipping_and_trains_with_it():

@@ -180,21 +180,6 @@ def test_manual_optimization_is_not_probed(tmp_path):
     assert d["batchnorm"].status == "not probed"
 
 
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        ({"init": "yes"}, ["init='yes'", "auto, force, off"]),
-        ({"clip_algorithm": "autoclip"}, ["clip_algorithm='autoclip'", "percentile"]),
-        ({"trial_steps": 2}, ["trial_steps=2", ">= 4"]),
-        ({"flow_threshold": 0}, ["flow_threshold=0", "> 0.0"]),
-        ({"saturating_target": "sigmoid"}, ["saturating_target='sigmoid'", "elu"]),
-    ],
-)
-def test_constructor_rejects_bad_input(kwargs, words):
-    with pytest.raises((ValueError, TypeError)) as info:
-        GradGuard(**kwargs)
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
 
 
 @pytest.mark.parametrize("preset", ["auto", "conservative", "off"])

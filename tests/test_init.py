@@ -166,23 +166,6 @@ def test_lsuv_reaches_unit_variance():
                 assert abs(h.var().item() - 1) <= 0.05, (i, h.var().item())
 
 
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        ({"scheme": "he_normall"}, ["scheme='he_normall'", "he_normal", "did you mean"]),
-        ({"scheme": "variance_scaling", "scale": -1.0}, ["scale=-1.0", "> 0"]),
-        ({"mode": "fan_sum"}, ["mode='fan_sum'", "fan_in, fan_out, fan_avg"]),
-        ({"bias": "random"}, ["bias='random'", "zeros, ones, keep"]),
-        ({"overrides": {"enc.*": "xavier"}}, ["overrides['enc.*']='xavier'", "glorot_uniform"]),
-        ({"exclude": [3]}, ["exclude", "3"]),
-        ({"lsuv_max_iters": 0}, ["lsuv_max_iters=0", ">= 1"]),
-    ],
-)
-def test_constructor_rejects_bad_input(kwargs, words):
-    with pytest.raises((ValueError, TypeError)) as info:
-        WeightInitialization(**kwargs)
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
 
 
 def _trainer(tmp_path, callbacks, **kw):

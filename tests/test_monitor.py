@@ -248,19 +248,3 @@ def test_demo_default_run_shows_the_sections(compose_cfg):
     assert {"grad_norm", "grad_std", "update_ratio", "act_dead_frac", "gradguard"} <= sections
     assert "gradguard/gradient_flow" in tags["images"]
 
-
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        ({"log_every_n_steps": 0}, ["log_every_n_steps=0", ">= 1"]),
-        ({"nonfinite_check": "always"}, ["nonfinite_check='always'", "every_step, logging_steps"]),
-        ({"vanishing_ratio": 2.0}, ["vanishing_ratio=2.0", "<= 1.0"]),
-        ({"patience": "3"}, ["patience='3'", "integer"]),
-        ({"histogram_bins": 1}, ["histogram_bins=1", ">= 2"]),
-    ],
-)
-def test_constructor_rejects_bad_input(kwargs, words):
-    with pytest.raises((ValueError, TypeError)) as info:
-        GradientMonitor(**kwargs)
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))

@@ -245,24 +245,6 @@ def test_selu_without_init_warns(tmp_path):
         trainer.fit(_model(), datamodule=_dm())
 
 
-@pytest.mark.parametrize(
-    "cls, kwargs, words",
-    [
-        (BatchNormInsertion, {"position": "before"}, ["position='before'", "before_activation, after_activation"]),
-        (BatchNormInsertion, {"momentum": -0.1}, ["momentum=-0.1", ">= 0.0"]),
-        (BatchNormInsertion, {"eps": 0}, ["eps=0", "> 0.0"]),
-        (BatchNormInsertion, {"exclude": 5}, ["exclude=5"]),
-        (ActivationReplacement, {"mapping": {"sigmod": "elu"}}, ["'sigmod'", "sigmoid, tanh"]),
-        (ActivationReplacement, {"mapping": {"sigmoid": "eluu"}}, ["'eluu'", "leaky_relu"]),
-        (ActivationReplacement, {"mapping": {"sigmoid": {"name": "elu", "slope": 1}}}, ["slope", "alpha"]),
-        (ActivationReplacement, {"mapping": {"sigmoid": {"name": "prelu", "num_parameters": 3}}}, ["num_parameters=3", "per-channel"]),
-    ],
-)
-def test_constructors_reject_bad_input(cls, kwargs, words):
-    with pytest.raises((ValueError, TypeError)) as info:
-        cls(**kwargs)
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
 
 
 @pytest.mark.parametrize("group, preset", [("batchnorm", "before"), ("batchnorm", "after"), ("batchnorm", "input"),

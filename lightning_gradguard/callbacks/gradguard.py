@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.activations import SATURATING_BOUNDS
 from lightning_gradguard.callbacks._common import resume_checkpoint_path, run_when_model_exists
@@ -376,10 +377,7 @@ class GradGuard(Callback):
 
     def table(self) -> str:
         head = ("remedy", "decision", "measurement")
-        rows = [(d.remedy, d.status, d.measurement) for d in self.decisions]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+        return text_table(head, [(d.remedy, d.status, d.measurement) for d in self.decisions])
 
     # ---------------------------------------------------------------------------------- forwarding
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
