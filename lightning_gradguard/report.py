@@ -139,6 +139,9 @@ def summarize_run(run_dir: Path, step: Optional[int] = None, label: Optional[str
             v = _at(acc.Scalars(tag), step)
             if v is not None:
                 metrics[tag] = v
+    names = _texts(acc, "gradguard/run")
+    if names:  # written by the demo app: the run's Hydra overrides
+        label = f"{label or run_dir} [{names[-1][1]}]"
     return RunSummary(label or str(run_dir), step, layers, findings, sorted(set(remedies)), metrics, series)
 
 

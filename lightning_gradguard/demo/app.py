@@ -54,12 +54,24 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, model, trainer
 
 
+def _log_run_name(trainer: pl.Trainer) -> None:
+    """Name the run after its Hydra overrides (TensorBoard text ``gradguard/run``; ``gradguard report`` shows it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightning_gradguard.reporting import log_text
+
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "trainer.enable_progress_bar"))]
+        log_text(trainer, "gradguard/run", " ".join(overrides) or "(defaults)", step=0)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, and print the test accuracy and where the TensorBoard logs are.
 
     Returns ``{"test_acc", "test_loss", "log_dir", "trainer", "model"}``.
     """
     datamodule, model, trainer = build(cfg)
+    _log_run_name(trainer)
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False) if cfg.get("run_test", True) else [{}]
     test_acc = float(results[0].get("test/acc", float("nan")))
