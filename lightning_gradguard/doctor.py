@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 

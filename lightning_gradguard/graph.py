@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -257,7 +256,7 @@ def _from_trace(model: nn.Module, sample_input: Any) -> Optional[list[LayerInfo]
             args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
             model(*args)
     except Exception as err:  # noqa: BLE001
-        warnings.warn(f"gradguard: a forward pass on the sample input failed ({err!r}); using module order")
+        warnings.warn(f"gradguard: a forward pass on the sample input failed ({err!r}); using module order", stacklevel=2)
         return None
     finally:
         model.train(was_training)
@@ -299,4 +298,3 @@ def _from_module_order(model: nn.Module) -> list[LayerInfo]:
 
 
 __all__ = ["LayerInfo", "find_layers", "is_weighted", "WEIGHTED_TYPES", "NORM_TYPES"]
-_ = operator  # operator nodes pass through _follow like any other op

@@ -38,7 +38,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -46,7 +46,7 @@ from torch import nn
 
 from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_choice, check_number
-from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
+from lightning_gradguard.graph import LayerInfo, find_layers
 
 #: Keras's constant: std of a standard normal truncated to [-2, 2]
 TRUNCATED_NORMAL_STD = 0.87962566103423978

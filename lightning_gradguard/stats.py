@@ -8,7 +8,8 @@ Example:
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> net(torch.randn(4, 8)).sum().backward()
     >>> groups = layer_groups(net)
-    >>> table = grad_statistics(groups)           # (3 layers... here 2, len(GRAD_STATS)) tensor
+    >>> grad_statistics(groups).shape             # (layers, len(GRAD_STATS))
+    torch.Size([2, 6])
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def layer_groups(model: nn.Module, per_parameter: bool = False, sample_input: An
     order = {name: i for i, name in enumerate(layers)}
     owners: list[tuple[float, str, nn.Module]] = []
     last_rank = -1.0
-    for k, (name, module) in enumerate(model.named_modules()):
+    for name, module in model.named_modules():
         direct = list(module.parameters(recurse=False))
         if not direct:
             continue

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch

@@ -105,6 +105,7 @@ class GradientClipping(Callback):
         self._nonfinite = torch.zeros((), dtype=torch.long)
         self._amp_overflow = torch.zeros((), dtype=torch.long)
         self._skip_ids: set[int] = set()
+        self._threshold_t: Optional[torch.Tensor] = None
         self._layer_groups: list[list[torch.Tensor]] = []
 
     @property
@@ -157,9 +158,9 @@ class GradientClipping(Callback):
         threshold: Optional[torch.Tensor] = None
         if self.algorithm == "value":
             clip_by_value_(params, self.threshold)
-            threshold = torch.tensor(self.threshold, device=device)
+            threshold = self._threshold_on(device)
         elif self.algorithm == "norm":
-            threshold = torch.tensor(self.threshold, device=device)
+            threshold = self._threshold_on(device)
             if self.per_layer:
                 wanted = {id(p) for p in params}
                 groups = [[p for p in g if id(p) in wanted] for g in self._layer_groups]
@@ -218,6 +219,13 @@ class GradientClipping(Callback):
             raise FloatingPointError(message + "; set on_nonfinite='skip' to zero such steps instead")
         warnings.warn(message + "; gradients left unclipped (on_nonfinite='warn')", RuntimeWarning, stacklevel=2)
         return False, norm
+
+    def _threshold_on(self, device: torch.device) -> torch.Tensor:
+        """The threshold as a tensor on ``device``, made once (a host-to-device copy per step could make a
+        GPU step wait)."""
+        if self._threshold_t is None or self._threshold_t.device != device:
+            self._threshold_t = torch.tensor(float(self.threshold), device=device)
+        return self._threshold_t
 
     def _move(self, device: torch.device) -> None:
         if self._steps.device != device:

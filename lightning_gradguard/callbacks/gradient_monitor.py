@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import (
-    ActivationReplacement, BatchNormInsertion, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
+    ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization,
 )
 from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
 from tests.helpers import load_events, read_texts
@@ -321,3 +321,24 @@ def test_lightning_cli_reports_the_same_validation_error(tmp_path, capsys):
                            f"--trainer.default_root_dir={tmp_path}"])
     text = str(info.value) + capsys.readouterr().err
     assert "GradientClipping: threshold=-1.0 must be a number > 0.0" in text
+
+
+class _SyncDebug(pl.Callback):
+    """Turns CUDA's sync debug mode to 'error' around the callbacks listed between two instances."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step % 10:  # non-logging steps only
+            torch.cuda.set_sync_debug_mode(self.mode)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_non_logging_steps_never_sync_on_gpu(tmp_path):  # pragma: no cover - runs where a GPU is
+    callbacks = [_SyncDebug("error"), GradientMonitor(log_every_n_steps=10, warn=False),
+                 GradientClipping("percentile", on_nonfinite="skip"), _SyncDebug("default")]
+    trainer = _trainer(tmp_path, callbacks, accelerator="gpu", devices=1, max_steps=12)
+    trainer.fit(DeepMLP(input_shape=[16], num_classes=4, depth=3, width=16), datamodule=SyntheticDataModule(input_shape=[16]))
+    torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 12
