@@ -80,7 +80,10 @@ class GradGuard(Callback):
     ``architecture_changes=False`` BatchNorm and activation replacement are only suggested, never applied.
     When fit resumes from a checkpoint, the decisions stored in it are re-applied (no new probe), so the
     structure matches. Probe and trials stay within ``probe_batches``, ``trial_steps`` per trial and
-    ``budget_seconds``; their cost is printed at the end of fit.
+    ``budget_seconds``; their cost is printed at the end of fit. They run where the module is at ``setup``
+    (the CPU, before Lightning moves it), calling its ``training_step`` (``self.log`` is a no-op then) and
+    ``configure_optimizers`` (the first optimizer) on a deep copy: one more copy of the model in memory.
+    Manual optimization is not probed (init only, by rule).
 
     Args:
         init, batchnorm, activation, clipping: ``auto`` / ``force`` / ``off`` for each remedy.
