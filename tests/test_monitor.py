@@ -248,3 +248,17 @@ def test_demo_default_run_shows_the_sections(compose_cfg):
     assert {"grad_norm", "grad_std", "update_ratio", "act_dead_frac", "gradguard"} <= sections
     assert "gradguard/gradient_flow" in tags["images"]
 
+
+
+def test_monitoring_does_not_change_training(tmp_path):
+    """Hooks, snapshots and histograms only read: the weights after a fit are bit-identical without it."""
+
+    def fit(callbacks):
+        pl.seed_everything(0, verbose=False)
+        model = DeepMLP(input_shape=[16], num_classes=4, depth=3, width=16)
+        _trainer(tmp_path, callbacks, max_steps=6).fit(model, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+        return model.state_dict()
+
+    plain = fit([])
+    watched = fit([GradientMonitor(per_parameter=True, histogram_every_n_steps=1, figure_every_n_steps=2, warn=False)])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
