@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Any, Literal, Optional
 
@@ -92,7 +93,9 @@ class GradGuard(Callback):
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
         clip_algorithm: ``percentile`` (AutoClip, default), ``norm``, ``value`` or ``agc``.
         flow_threshold, saturation_threshold, dead_threshold, spike_factor, exploding_norm, margin: rule thresholds.
-        probe_batches, trial_steps, budget_seconds, seed: the budget and the trials' seed.
+        probe_batches, trial_steps, budget_seconds: the budget.
+        seed: seed of the trials and of the applied init; default: Lightning's ``seed_everything`` seed
+            (the init then follows it as ``WeightInitialization`` does).
         verbose: print the decision table.
 
     Example::
@@ -121,7 +124,7 @@ class GradGuard(Callback):
         probe_batches: int = 4,
         trial_steps: int = 20,
         budget_seconds: float = 60.0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         verbose: bool = True,
     ) -> None:
         owner = type(self).__name__
@@ -141,7 +144,7 @@ class GradGuard(Callback):
         self.probe_batches = check_number(owner, "probe_batches", probe_batches, min_value=1, integer=True)
         self.trial_steps = check_number(owner, "trial_steps", trial_steps, min_value=4, integer=True)
         self.budget_seconds = check_number(owner, "budget_seconds", budget_seconds, min_value=0.0)
-        self.seed = check_number(owner, "seed", seed, integer=True)
+        self.seed = check_number(owner, "seed", seed, integer=True, allow_none=True)
         self.verbose = check_bool(owner, "verbose", verbose)
         self.decisions: list[Decision] = []
         self.remedies: dict[str, dict[str, Any]] = {}
@@ -215,6 +218,8 @@ class GradGuard(Callback):
             batches.append(b)
         stream = _Cycle(loader)
         memo = {id(trainer): trainer}
+        # trials share one seed (so they differ only by their remedies): ours, else Lightning's, else 0
+        trial_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         patched = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
         pl_module.__dict__.update(patched)  # training_step's self.log is a no-op while probing
         try:
@@ -239,7 +244,7 @@ class GradGuard(Callback):
             def raw_trial(rem: dict[str, dict[str, Any]], steps: int = self.trial_steps) -> float:
                 self.cost_steps += steps
                 return trial(pl_module, rem, stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
-                             steps, self.seed, dict(memo))
+                             steps, trial_seed, dict(memo))
 
             def run_trial(rem: dict[str, dict[str, Any]], label: str) -> float:
                 nonlocal clip_on
@@ -272,7 +277,7 @@ class GradGuard(Callback):
             after = base
             if best:
                 copy_ = copy.deepcopy(pl_module, dict(memo))
-                apply_remedies(copy_, best, seed=self.seed)
+                apply_remedies(copy_, best, seed=trial_seed)
                 after = probe(copy_, batches, _loss_of)
                 self.cost_steps += len(batches)
                 del copy_
