@@ -93,8 +93,8 @@ class StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
     def per_step(self) -> float:
-        s = self.starts[self.skip :]
-        return (s[-1] - s[0]) / (len(s) - 1)
+        s = self.starts[self.skip :] if len(self.starts) >= self.skip + 2 else self.starts  # short runs: all
+        return (s[-1] - s[0]) / max(1, len(s) - 1)
 
 
 def fit(kind: str, variant: str, steps: int) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from lightning_gradguard._validation import check_bool, check_choice, check_numb
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_statistics, grad_statistics, histogram, layer_groups, snapshot,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios, weight_norms,
 )
 
@@ -44,6 +44,9 @@ class GradientMonitor(Callback):
     the device), a gradient-flow image (``gradguard/gradient_flow``) every ``figure_every_n_steps`` and at
     the end of fit. Findings (see :mod:`lightning_gradguard.health`) become warnings and TensorBoard text
     ``gradguard/findings``; a summary is printed and logged at the end of fit.
+
+    Memory: on a logging step the hooks keep references to the observed activation outputs (no copies)
+    until the step ends, where they are reduced together, same-shaped layers in one batch.
 
     Cost: a step that logs nothing only compares a counter (plus, with ``nonfinite_check="every_step"``,
     one batched norm whose result stays on the device). A logging step uses batched reductions and moves
@@ -120,7 +123,8 @@ class GradientMonitor(Callback):
         self._logging = False
         self._grad: dict[int, torch.Tensor] = {}
         self._before: dict[int, list[torch.Tensor]] = {}
-        self._acts: dict[int, torch.Tensor] = {}
+        self._acts: dict[int, Optional[torch.Tensor]] = {}
+        self._act_out: dict[int, tuple[torch.Tensor, Optional[str], int]] = {}
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._failed_hooks: set[str] = set()
@@ -192,15 +196,40 @@ class GradientMonitor(Callback):
                     y = y.detach()
                     if fn is not None:
                         y = fn(y)
-                    self._acts[gi] = activation_statistics(y, act, unit_dim, self.saturation_eps)
+                    self._act_out[gi] = (y, act, unit_dim)  # reduced at the end of the step, batched by shape
+                    self._acts[gi] = None
                     if want_hist:
                         self._act_hists[gi] = histogram(y, self.histogram_bins)
                 except Exception as err:  # noqa: BLE001 - diagnostics never break training
-                    if g.name not in self._failed_hooks:
-                        self._failed_hooks.add(g.name)
-                        rank_zero_warn(f"GradientMonitor: no activation statistics for layer `{g.name}` ({err}); skipped")
+                    self._warn_layer(g.name, err)
 
             self._hooks.append(target.register_forward_hook(hook))
+
+    def _reduce_activations(self) -> None:
+        """Activation statistics of this step's recorded outputs: same-shaped ones together, one layer at a
+        time where that fails (a layer whose output cannot be reduced is warned about once and skipped)."""
+        buckets: dict[tuple, list[int]] = {}
+        for gi, (y, act, unit_dim) in self._act_out.items():
+            buckets.setdefault((tuple(y.shape), y.dtype, y.device, act, unit_dim), []).append(gi)
+        for (_, _, _, act, unit_dim), members in buckets.items():
+            try:
+                rows = activation_statistics_batch([self._act_out[i][0] for i in members], act, unit_dim, self.saturation_eps)
+                for row, gi in zip(rows, members):
+                    self._acts[gi] = row
+                continue
+            except Exception:  # noqa: BLE001 - fall back to one layer at a time
+                pass
+            for gi in members:
+                try:
+                    self._acts[gi] = activation_statistics(self._act_out[gi][0], act, unit_dim, self.saturation_eps)
+                except Exception as err:  # noqa: BLE001 - diagnostics never break training
+                    self._acts[gi] = None
+                    self._warn_layer(self.groups[gi].name, err)
+
+    def _warn_layer(self, name: str, err: Exception) -> None:
+        if name not in self._failed_hooks:
+            self._failed_hooks.add(name)
+            rank_zero_warn(f"GradientMonitor: no activation statistics for layer `{name}` ({err}); skipped")
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -264,6 +293,7 @@ class GradientMonitor(Callback):
             self._grad.clear()
             self._before.clear()
             self._acts.clear()
+            self._act_out.clear()
             self._act_hists.clear()
             self._remove_hooks()
 
@@ -275,7 +305,8 @@ class GradientMonitor(Callback):
         wnorm = weight_norms(sub).to(dev)
         before = [t for i in idx for t in self._before[i]]
         ratio = update_ratios(sub, before).to(dev)
-        act_idx = [i for i in idx if i in self._acts]
+        self._reduce_activations()
+        act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
         nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)

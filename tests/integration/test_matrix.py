@@ -276,6 +276,7 @@ def test_exotic_module_outputs_warn_once_and_training_goes_on(tmp_path, monkeypa
         raise RuntimeError("cannot handle this output")
 
     monkeypatch.setattr("lightning_gradguard.callbacks.gradient_monitor.activation_statistics", flaky)
+    monkeypatch.setattr("lightning_gradguard.callbacks.gradient_monitor.activation_statistics_batch", flaky)
     trainer = _trainer(tmp_path, [GradientMonitor(warn=False)], max_steps=4)
     with pytest.warns(UserWarning, match=r"no activation statistics for layer `block.fc`") as rec:
         trainer.fit(Exotic(), datamodule=SyntheticDataModule(num_samples=128, input_shape=[16]))
