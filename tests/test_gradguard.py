@@ -189,3 +189,16 @@ def test_presets(compose_cfg, preset):
     assert isinstance(gg, GradGuard)
     assert gg.architecture_changes == (preset != "conservative")
     assert (gg.modes["init"] == "off") == (preset == "off")
+
+
+def test_exploding_norm_rule_turns_clipping_on_and_not_otherwise(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False, trial_steps=8, init="off", batchnorm="off", activation="off")
+    bad = DeepMLP(input_shape=[16], num_classes=4, depth=8, width=64, init_std=1.0)  # N(0, 1): norms explode
+    _trainer(tmp_path, [gg], max_steps=1).fit(bad, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    row = next(d for d in gg.decisions if d.remedy == "clipping")
+    assert row.status == "applied" and "> 1000" in row.measurement, row
+    calm = GradGuard(monitor=False, verbose=False, trial_steps=8, init="off", batchnorm="off", activation="off")
+    _trainer(tmp_path, [calm], max_steps=1).fit(DeepMLP(input_shape=[16], num_classes=4, depth=2, width=16),
+                                                datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    assert _decisions(calm)["clipping"] == "not applied"
