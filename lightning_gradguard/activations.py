@@ -118,6 +118,13 @@ def negative_slope(module: Optional[nn.Module], name: str, args: tuple = (), kwa
     return 0.0
 
 
+#: functional forms, to apply a layer's activation to its output when the activation is no module
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "elu": F.elu, "selu": F.selu,
+    "gelu": F.gelu, "silu": F.silu,
+}
+
+
 def make_activation(name: str, num_features: Optional[int] = None, **params: Any) -> nn.Module:
     """Build an activation module from its vocabulary name.
 

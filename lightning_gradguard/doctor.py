@@ -41,7 +41,9 @@ from torch import nn
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
 from lightning_gradguard.init import initialize
-from lightning_gradguard.stats import activation_statistics, layer_groups, unit_dim_for
+from lightning_gradguard.stats import (
+    activation_hook_target, activation_statistics, grad_statistics, layer_groups, to_host, unit_dim_for,
+)
 from lightning_gradguard.surgery import insert_batchnorm, replace_activations
 
 LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
@@ -137,10 +139,7 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
         act = g.activation
         if act not in RELU_FAMILY and act not in SATURATING_BOUNDS:
             continue
-        target = modules.get(g.activation_at) if g.activation_at else None
-        fn = None
-        if target is None:
-            target, fn = g.module, {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}.get(act)
+        target, fn = activation_hook_target(g, modules)
 
         def hook(mod, inp, out, g=g, act=act, fn=fn):
             y = out[0] if isinstance(out, (tuple, list)) else out
@@ -157,9 +156,9 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
             loss = loss_fn(model, batch, i)
             losses.append(float(loss.detach()))
             loss.backward()
+            (norms,) = to_host(grad_statistics(groups)[:, 0])  # per-layer L2 norms, one transfer
             sq = 0.0
-            for g in groups:
-                n = math.sqrt(sum(float(p.grad.detach().float().norm()) ** 2 for p in g.params if p.grad is not None))
+            for g, n in zip(groups, norms):
                 sums[g.name] += n / len(batches)
                 sq += n * n
             totals.append(math.sqrt(sq))

@@ -15,12 +15,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
+from lightning_gradguard.activations import ACTIVATION_FUNCTIONS, RELU_FAMILY, SATURATING_BOUNDS
 from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
 
 GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_max", "grad_zero_frac", "grad_nonfinite")
@@ -231,6 +231,20 @@ def to_host(*tensors: torch.Tensor) -> list[list[float]]:
         out.append(joined[k : k + t.numel()])
         k += t.numel()
     return out
+
+
+def activation_hook_target(
+    group: LayerGroup, modules: dict[str, nn.Module]
+) -> tuple[nn.Module, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+    """Where to observe a layer's activation: (module to hook, function to apply to its output).
+
+    The activation module itself when there is one; else the layer, with the activation applied to its
+    output (functional activations such as ``F.relu`` in ``forward``).
+    """
+    at = modules.get(group.activation_at) if group.activation_at else None
+    if at is not None:
+        return at, None
+    return group.module, ACTIVATION_FUNCTIONS.get(group.activation or "")
 
 
 def unit_dim_for(module: nn.Module) -> int:

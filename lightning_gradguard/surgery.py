@@ -33,7 +33,7 @@ from lightning_gradguard._text import text_table
 from lightning_gradguard.activations import (
     ACTIVATION_NAMES, activation_function_name, activation_method_name, activation_module_name, make_activation,
 )
-from lightning_gradguard.graph import NORM_TYPES, LayerInfo, find_layers
+from lightning_gradguard.graph import NORM_TYPES, find_layers
 
 POSITIONS = ("before_activation", "after_activation")
 SURGERY_ATTR = "_gradguard_surgery"
@@ -118,14 +118,10 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _followed_by_norm(model: nn.Module, info: LayerInfo) -> bool:
-    """Is the next module on the data flow after ``info``'s layer a normalization layer?"""
+def _followed_by_norm(model: nn.Module) -> set[str]:
+    """Names of the modules whose next module (in registration order) is a normalization layer."""
     order = [(n, m) for n, m in model.named_modules() if len(list(m.children())) == 0 or isinstance(m, Normalized)]
-    names = [n for n, _ in order]
-    if info.name not in names:
-        return False
-    i = names.index(info.name)
-    return i + 1 < len(order) and isinstance(order[i + 1][1], NORM_TYPES)
+    return {n for (n, _), (_, nxt) in zip(order, order[1:]) if isinstance(nxt, NORM_TYPES)}
 
 
 def _record(model: nn.Module, op: dict[str, Any]) -> None:
@@ -166,6 +162,7 @@ def insert_batchnorm(
         return changes
     output = layers[-1]
     modules = dict(model.named_modules())
+    normed = _followed_by_norm(model)  # wrapping a layer never changes what follows a later one
     act_users: dict[str, int] = {}
     for info in layers:
         if info.activation_at in modules:
@@ -186,7 +183,7 @@ def insert_batchnorm(
         pre = None
         if first and input_batchnorm:
             pre = _bn_for(info.module, _in_features(info.module), momentum, eps)
-        want_post = info is not output and not _followed_by_norm(model, info)
+        want_post = info is not output and info.name not in normed
         if info is output and pre is None:
             continue
         if not want_post and pre is None:

@@ -38,6 +38,14 @@ def run_when_model_exists(pl_module: "pl.LightningModule", action: Callable[[], 
     pl_module.configure_model = configure_model_then_act  # type: ignore[method-assign]
 
 
+def train_dataloader(trainer: "pl.Trainer") -> Optional[Any]:
+    """The fit's training dataloader during ``setup``: the datamodule's, else the one given to ``fit``."""
+    if trainer.datamodule is not None:
+        return trainer.datamodule.train_dataloader()
+    source = trainer.fit_loop._data_source
+    return source.dataloader() if source.is_defined() else None
+
+
 def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Callable[[], Any]:
     """A zero-argument callable returning one model input: ``example_input_array`` if set, else the
     first element of the first training batch (read only when the callable is called)."""
@@ -46,13 +54,7 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         example = getattr(pl_module, "example_input_array", None)
         if example is not None:
             return example
-        loader: Optional[Any] = None
-        if trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        else:
-            source = trainer.fit_loop._data_source
-            if source.is_defined():
-                loader = source.dataloader()
+        loader = train_dataloader(trainer)
         if loader is None:
             return None
         batch = next(iter(loader))

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.activations import SATURATING_BOUNDS
-from lightning_gradguard.callbacks._common import resume_checkpoint_path, run_when_model_exists
+from lightning_gradguard.callbacks._common import resume_checkpoint_path, run_when_model_exists, train_dataloader
 from lightning_gradguard.callbacks.activation_replacement import ActivationReplacement
 from lightning_gradguard.callbacks.batchnorm_insertion import BatchNormInsertion
 from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
@@ -186,17 +186,11 @@ class GradGuard(Callback):
         self.remedies = state["remedies"]
         self.decisions = [Decision(**d) for d in state["decisions"]]
 
-    def _batches(self, trainer: "pl.Trainer") -> Any:
-        if trainer.datamodule is not None:
-            return trainer.datamodule.train_dataloader()
-        source = trainer.fit_loop._data_source
-        return source.dataloader() if source.is_defined() else None
-
     def _decide(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         start = time.perf_counter()
         decisions: list[Decision] = []
         remedies: dict[str, dict[str, Any]] = {}
-        loader = self._batches(trainer)
+        loader = train_dataloader(trainer)
         frozen = all(not p.requires_grad for p in pl_module.parameters())
         manual = not pl_module.automatic_optimization
         if loader is None or manual:

@@ -8,7 +8,6 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -17,14 +16,10 @@ from lightning_gradguard._validation import check_bool, check_choice, check_numb
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios, weight_norms,
 )
 
-_APPLY = {
-    "relu": torch.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "elu": F.elu, "selu": F.selu,
-    "gelu": F.gelu, "silu": F.silu,
-}
 
 
 class GradientMonitor(Callback):
@@ -182,8 +177,7 @@ class GradientMonitor(Callback):
             if g.info is None or g.frozen or gi in self._acts:
                 continue
             act = g.activation
-            at = modules.get(g.activation_at) if g.activation_at else None
-            target, fn = (at, None) if at is not None else (g.module, _APPLY.get(act or ""))
+            target, fn = activation_hook_target(g, modules)
             unit_dim = unit_dim_for(g.module)
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
