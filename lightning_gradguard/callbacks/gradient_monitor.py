@@ -22,6 +22,12 @@ from lightning_gradguard.stats import (
 
 
 
+def _is_compute(group: LayerGroup) -> bool:
+    """A weight-carrying compute layer (Linear, Conv, RNN, attention): not a norm layer, an embedding (a
+    lookup table whose rows get gradient only when used) or a bare parameter owner (position tables, ...)."""
+    return group.info is not None and not isinstance(group.module, torch.nn.Embedding)
+
+
 class GradientMonitor(Callback):
     """Stream per-layer gradient statistics to TensorBoard (and every other logger) and name the layer at fault.
 
@@ -88,6 +94,13 @@ class GradientMonitor(Callback):
         saturated_fraction: float = 0.5,
         saturation_eps: float = 0.01,
         patience: int = 3,
+        exploding_hard_norm: float = 1e5,
+        progress_min_steps: int = 100,
+        min_loss_drop: float = 0.1,
+        oscillation_rate: float = 0.25,
+        oscillation_amplitude: float = 0.1,
+        update_ratio_high: float = 3e-2,
+        update_ratio_low: float = 1e-5,
         warn: bool = True,
     ) -> None:
         owner = type(self).__name__
@@ -103,14 +116,25 @@ class GradientMonitor(Callback):
             ("vanishing_norm", vanishing_norm, 0.0, None), ("vanishing_ratio", vanishing_ratio, 0.0, 1.0),
             ("exploding_norm", exploding_norm, 0.0, None), ("growth_factor", growth_factor, 1.0, None),
             ("dead_fraction", dead_fraction, 0.0, 1.0), ("saturated_fraction", saturated_fraction, 0.0, 1.0),
-            ("saturation_eps", saturation_eps, 0.0, 0.5),
+            ("saturation_eps", saturation_eps, 0.0, 0.5), ("exploding_hard_norm", exploding_hard_norm, 0.0, None),
+            ("min_loss_drop", min_loss_drop, 0.0, 1.0), ("oscillation_rate", oscillation_rate, 0.0, 1.0),
+            ("oscillation_amplitude", oscillation_amplitude, 0.0, 1.0), ("update_ratio_high", update_ratio_high, 0.0, None),
+            ("update_ratio_low", update_ratio_low, 0.0, None),
         ):
             check_number(owner, name, value, min_value=lo, max_value=hi, min_inclusive=False)
         self.saturation_eps = saturation_eps
         self.patience = check_number(owner, "patience", patience, min_value=1, integer=True)
+        check_number(owner, "progress_min_steps", progress_min_steps, min_value=0, integer=True)
+        if exploding_hard_norm < exploding_norm:
+            raise ValueError(f"{owner}: exploding_hard_norm={exploding_hard_norm!r} must be >= exploding_norm={exploding_norm!r}")
+        if update_ratio_low >= update_ratio_high:
+            raise ValueError(f"{owner}: update_ratio_low={update_ratio_low!r} must be < update_ratio_high={update_ratio_high!r}")
         self.warn = check_bool(owner, "warn", warn)
+        self.exploding_hard_norm = float(exploding_hard_norm)
         self.detector = HealthDetector(
-            vanishing_norm, vanishing_ratio, exploding_norm, growth_factor, dead_fraction, saturated_fraction, patience
+            vanishing_norm, vanishing_ratio, exploding_norm, growth_factor, dead_fraction, saturated_fraction, patience,
+            exploding_hard_norm, progress_min_steps, min_loss_drop, oscillation_rate, oscillation_amplitude,
+            update_ratio_high, update_ratio_low,
         )
         self.groups: list[LayerGroup] = []
         self._every = 1
@@ -123,11 +147,20 @@ class GradientMonitor(Callback):
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._failed_hooks: set[str] = set()
+        # non-finite / huge-norm tracking on the device, one flag vector per optimizer's parameter set (several
+        # optimizers and manual optimization keep their own), one "first step" for the whole run
         self._nf_seen: Optional[torch.Tensor] = None
-        self._nf_params: Optional[torch.Tensor] = None
-        self._nf_key: tuple = ()
+        self._nf_flags: dict[tuple, torch.Tensor] = {}
+        self._nf_index: dict[tuple, torch.Tensor] = {}
         self._nf_step: Optional[torch.Tensor] = None
         self._nf_reported = False
+        self._hard: Optional[torch.Tensor] = None  # [seen, step, norm, group index] of the first norm > hard bound
+        self._hard_reported = False
+        # the training loss: summed on the device over the logging window, read on logging steps
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_n = 0
+        self._loss_bad: Optional[torch.Tensor] = None  # first step whose loss was NaN/Inf (-1: none)
+        self._batch_step = 0
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
 
@@ -157,12 +190,25 @@ class GradientMonitor(Callback):
         layers = [{"name": g.name, "type": g.description, "activation": g.activation, "frozen": g.frozen}
                   for g in self.groups]
         log_text(trainer, "gradguard/layers", json.dumps(layers), step=0)  # forward order, for `gradguard report`
+        if self.detect:
+            self._check_frozen(trainer)
+
+    def _check_frozen(self, trainer: "pl.Trainer") -> None:
+        """Layers that can never update: frozen between trained layers, or trainable but in no optimizer."""
+        rows = [(g.name, g.label(), _is_compute(g), not g.frozen) for g in self.groups]
+        found = self.detector.frozen(trainer.global_step, rows)
+        held = {id(p) for opt in trainer.optimizers for grp in opt.param_groups for p in grp["params"]}
+        if held:
+            orphans = [(g.name, g.label()) for g in self.groups
+                       if g.params and _is_compute(g) and not any(id(p) in held for p in g.params)]
+            found += self.detector.not_in_optimizer(trainer.global_step, orphans)
+        self._report(trainer, found)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self._every == 0
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
+        step = self._batch_step = trainer.global_step
         if self._logging or not self._is_log_step(step) or self._log_step == step:
             return
         self._log_step, self._logging = step, True
@@ -256,27 +302,59 @@ class GradientMonitor(Callback):
             self._before[gi], before = before[:n], before[n:]
 
     def _track_nonfinite(self, mine: list[int], step: int) -> None:
-        """Remember, on the device, the first step with a NaN/Inf gradient and which parameters had one
-        (a handful of batched ops; nothing crosses to the host until the next logging step)."""
+        """Remember, on the device, the first step with a NaN/Inf gradient and which parameters had one, and
+        the first step with a gradient norm above ``exploding_hard_norm`` (a handful of batched ops; nothing
+        crosses to the host until the next logging step). Each optimizer's parameter set keeps its own flags,
+        so several optimizers (manual optimization, GANs) do not reset each other's record."""
         pairs = [(p.grad, gi) for gi in mine for p in self.groups[gi].params if p.grad is not None]
         if not pairs:
             return
         key = tuple(gi for _, gi in pairs)
         dev = pairs[0][0].device
-        if self._nf_key != key or self._nf_seen is None or self._nf_seen.device != dev:
-            self._nf_key = key
+        if self._nf_seen is None or self._nf_seen.device != dev:
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
-            self._nf_params = torch.zeros(len(key), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)))
+            self._hard = torch.tensor([0.0, -1.0, 0.0, -1.0], device=dev)
+            self._nf_flags, self._nf_index = {}, {}
+        flags = self._nf_flags.get(key)
+        if flags is None:
+            flags = torch.zeros(len(key), dtype=torch.bool, device=dev)
+        norms = torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)).float()
+        bad = ~torch.isfinite(norms)
         first = bad.any() & ~self._nf_seen
-        self._nf_params = torch.where(first, bad, self._nf_params)
+        self._nf_flags[key] = torch.where(first, bad, flags)
         self._nf_step = torch.where(first, step, self._nf_step)
         self._nf_seen = self._nf_seen | first
+        # a huge but finite gradient norm fires the exploding detector at once, even between logging steps
+        big = torch.where(bad, torch.zeros_like(norms), norms)
+        top, at = big.max(dim=0)
+        new_hard = (top > self.exploding_hard_norm) & (self._hard[0] == 0)
+        if key not in self._nf_index:
+            self._nf_index[key] = torch.tensor(key, device=dev, dtype=torch.float32)
+        group = self._nf_index[key][at]
+        cand = torch.stack([torch.ones((), device=dev), torch.full((), float(step), device=dev), top, group])
+        self._hard = torch.where(new_hard, cand, self._hard)
+
+    def _track_loss(self, outputs: Any, step: int) -> None:
+        """Add this batch's training loss to the window sum, on the device (no host transfer)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        loss = loss.detach().float().reshape(())
+        if self._loss_sum is None or self._loss_sum.device != loss.device:
+            self._loss_sum = torch.zeros((), device=loss.device)
+            self._loss_bad = torch.full((), -1.0, device=loss.device)
+            self._loss_n = 0
+        self._loss_sum = self._loss_sum + loss
+        self._loss_n += 1
+        fin = torch.isfinite(loss)
+        self._loss_bad = torch.where(~fin & (self._loss_bad < 0), torch.full_like(loss, float(step)), self._loss_bad)
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.detect:
+            self._track_loss(outputs, self._batch_step)
         if not self._grad:
             return  # not a logging step, or (accumulation) the optimizer step is still to come
         step = self._log_step if self._log_step is not None else trainer.global_step
@@ -303,7 +381,14 @@ class GradientMonitor(Callback):
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
-        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
+        nf_keys = list(self._nf_flags)
+        nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
+                     else torch.zeros(0, device=dev))
+        hard = self._hard if self._hard is not None else torch.zeros(4, device=dev)
+        if self._loss_sum is not None and self._loss_n:
+            loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev)])
+        else:
+            loss = torch.zeros(0, device=dev)
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
         if self._is_hist_step(step):
@@ -318,11 +403,12 @@ class GradientMonitor(Callback):
             for i, h in self._act_hists.items():
                 hist_tags.append(f"hist_act/{self.groups[i].name}")
                 hists.append(h)
-        host = to_host(grad, wnorm, ratio, acts, *nf, nf_layers, *hists)  # the one device → host transfer
-        grad_h, wnorm_h, ratio_h, acts_h = host[0], host[1], host[2], host[3]
-        nf_h = host[4 : 4 + len(nf)]
-        nf_layers_h = host[4 + len(nf)]
-        hist_h = host[5 + len(nf) :]
+        host = to_host(grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists)  # the one device → host transfer
+        grad_h, wnorm_h, ratio_h, acts_h, hard_h, loss_h = host[:6]
+        nf_h = host[6 : 6 + len(nf)]
+        nf_layers_h = host[6 + len(nf)]
+        hist_h = host[7 + len(nf) :]
+        self._loss_sum, self._loss_n = None, 0  # next window
         k = len(GRAD_STATS)
         metrics: dict[str, float] = {}
         rows: list[LayerRow] = []
@@ -339,7 +425,9 @@ class GradientMonitor(Callback):
                     metrics[f"{name}/{g.name}"] = v
             dead = a[2] if a is not None and g.activation in ("relu", "relu6") else None
             sat = a[3] if a is not None and g.activation in ("sigmoid", "tanh") else None
-            rows.append(LayerRow(g.name, g.label(), g.activation, values[0], values[5], dead, sat))
+            act_ok = None if a is None else (math.isfinite(a[0]) and math.isfinite(a[1]))
+            rows.append(LayerRow(g.name, g.label(), g.activation, values[0], values[5], dead, sat,
+                                 _is_compute(g), ratio_h[j], act_ok))
         norms = [r.grad_norm for r in rows]
         total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
         weighted = [r.grad_norm for r, g in zip(rows, sub) if g.info is not None]
@@ -355,15 +443,31 @@ class GradientMonitor(Callback):
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
             self._draw(trainer, step)
         if self.detect:
-            amp = getattr(trainer.precision_plugin, "scaler", None) is not None
-            if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
-                # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
-                bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
-                bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
-                            for i in bad_groups]
-                self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
-            self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
-            self._report(trainer, self.detector.update(step, rows, total, amp))
+            self._detect(trainer, step, rows, total, hard_h, loss_h, nf_h, nf_keys, nf_layers_h)
+
+    def _detect(self, trainer: "pl.Trainer", step: int, rows: list[LayerRow], total: float, hard_h: list[float],
+                loss_h: list[float], nf_h: list[list[float]], nf_keys: list[tuple], nf_layers_h: list[float]) -> None:
+        amp = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if loss_h:  # the loss first, so a non-finite finding knows whether the loss was already non-finite
+            bad_loss = int(loss_h[1]) if loss_h[1] >= 0 else None
+            self._report(trainer, self.detector.update_loss(step, loss_h[0], bad_loss))
+        nf_step = int(nf_h[1][0]) if nf_h and nf_h[0][0] > 0 else None
+        if hard_h[0] > 0 and not self._hard_reported and (nf_step is None or hard_h[1] <= nf_step):
+            g = self.groups[int(hard_h[3])]
+            self._report(trainer, self.detector.exploding_at(int(hard_h[1]), g.name, g.label(), hard_h[2]))
+        self._hard_reported = self._hard_reported or hard_h[0] > 0
+        if nf_step is not None and not self._nf_reported and nf_step != step:
+            # the first step with NaN/Inf was between logging steps: report the layers recorded then
+            flags, k = {}, 0
+            for key in nf_keys:
+                for gi in key:
+                    flags[gi] = flags.get(gi, False) or nf_layers_h[k] > 0
+                    k += 1
+            bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0,
+                                 weighted=_is_compute(self.groups[i])) for i in sorted(i for i, f in flags.items() if f)]
+            self._report(trainer, self.detector.update(nf_step, bad_rows, float("nan"), amp))
+        self._nf_reported = nf_step is not None or self._nf_reported
+        self._report(trainer, self.detector.update(step, rows, total, amp))
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:
@@ -390,8 +494,10 @@ class GradientMonitor(Callback):
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "nonfinite_reported": self._nf_reported}
+        return {"detector": self.detector.state_dict(), "nonfinite_reported": self._nf_reported,
+                "exploding_reported": self._hard_reported}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self._nf_reported = bool(state_dict.get("nonfinite_reported", False))
+        self._hard_reported = bool(state_dict.get("exploding_reported", False))
