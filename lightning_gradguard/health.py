@@ -26,14 +26,16 @@ dead_relu       > ``dead_fraction`` of a ReLU layer's units output 0 for the who
 saturation      > ``saturated_fraction`` of a sigmoid/tanh layer's outputs near a bound   0.5
 not_converging  after ``progress_min_steps`` steps the loss is less than                  100, 10%
                 ``min_loss_drop`` below the first window's
-plateau         the loss fell, then has not improved by ``min_loss_drop`` of the          —
-                remaining loss over the last half of the run, and is still above half
+plateau         the loss fell, then improved less than ``min_loss_drop`` (relative) over   10%
+                the last quarter of the windows (at least 4), and is still above half
                 the first window's
-oscillation     AUTOTRAINER's unstable-loss rule on window means: at least                0.25, 10%
+oscillation     AUTOTRAINER's unstable-loss rule on window means: at least                0.25, 5%
                 ``oscillation_rate`` of the windows are a peak followed by a trough more
-                than ``oscillation_amplitude`` (relative) below it
-update_ratio    the median ‖Δw‖/‖w‖ of the weighted layers is > ``update_ratio_high``, or   3e-2, 1e-5
+                than ``oscillation_amplitude`` × the first window's loss below it
+update_ratio    the median ‖Δw‖/‖w‖ of the weighted layers is > ``update_ratio_high``, or   0.1, 1e-5
                 the largest is < ``update_ratio_low`` (around 1e-3 is the rule of thumb)
+unnormalized_   the first compute layer's input has std > ``input_std_max`` (at once)     20
+input
 frozen          a weighted layer never updates: frozen (``requires_grad=False``) between  at fit start
                 trained layers, or trainable but in no optimizer
 ==============  ========================================================================  =================
@@ -73,10 +75,12 @@ REMEDY = {
     "oscillation": "the learning rate is probably too high: lower it, or add a warm-up / gradient clipping",
     "update_ratio_high": "the learning rate is probably too high (updates of ~1e-3 of the weights are typical)",
     "update_ratio_low": "the learning rate is probably too low (updates of ~1e-3 of the weights are typical)",
+    "unnormalized_input": "standardize the inputs (subtract the mean, divide by the std, or scale pixels to [0, 1]); "
+    "large inputs make the first layer's gradients and the pre-activations huge",
     "frozen": "check requires_grad and that configure_optimizers passes every parameter you mean to train",
 }
 
-GRADIENT_KINDS = ("vanishing", "exploding", "nonfinite", "amp_overflow", "dead_relu", "saturation")
+GRADIENT_KINDS = ("vanishing", "exploding", "nonfinite", "amp_overflow", "dead_relu", "saturation", "unnormalized_input")
 PROGRESS_KINDS = ("not_converging", "plateau", "oscillation", "update_ratio", "frozen")
 
 
@@ -142,9 +146,10 @@ class HealthDetector:
     progress_min_steps: int = 100
     min_loss_drop: float = 0.1
     oscillation_rate: float = 0.25
-    oscillation_amplitude: float = 0.1
-    update_ratio_high: float = 3e-2
+    oscillation_amplitude: float = 0.05
+    update_ratio_high: float = 0.1
     update_ratio_low: float = 1e-5
+    input_std_max: float = 20.0
     tracks: dict[str, _Track] = field(default_factory=dict)
     last_total: Optional[float] = None
     growth_streak: int = 0
@@ -296,6 +301,17 @@ class HealthDetector:
         msg = f"step {step}: all layers: {what} on {self.patience} logging steps; {REMEDY[side]}"
         return [Finding("update_ratio", "", step, med if high else top, msg)]
 
+    def input_scale(self, step: int, name: str, label: str, std: float) -> list[Finding]:
+        """The first compute layer's input has std > ``input_std_max``: unnormalized data (e.g. pixels 0–255)."""
+        # a property of the data, not noisy: fires at once (no patience)
+        if not self._hyst(f"input:{name}", math.isfinite(std) and std > self.input_std_max, patience=1):
+            return []
+        msg = (f"step {step}: {label}: its input has std {std:.3g} (> {self.input_std_max:g}) — unnormalized inputs; "
+               f"{REMEDY['unnormalized_input']}")
+        f = Finding("unnormalized_input", name, step, std, msg)
+        self.findings.append(f)
+        return [f]
+
     def exploding_at(self, step: int, name: str, label: str, norm: float) -> list[Finding]:
         """A gradient norm above ``exploding_hard_norm`` seen between logging steps (by the every-step check)."""
         t = self.tracks.setdefault("exploding", _Track())
@@ -334,28 +350,31 @@ class HealthDetector:
                        f"(less than {self.min_loss_drop:.0%} lower; best {best:.4g}) — not converging; "
                        f"{REMEDY['not_converging']}")
                 new.append(Finding("not_converging", "", step, now, msg))
-        half = values[len(values) // 2:]
-        earlier = min(values[: len(values) // 2])
-        fell = first > 0 and earlier < (1 - self.min_loss_drop) * first
-        stalled = min(half) > earlier - self.min_loss_drop * earlier
-        if len(values) >= 8 and fell and stalled and now > 0.5 * first:
-            if self._hyst("plateau", True, patience=1):
-                msg = (f"step {step}: the training loss fell from {first:.4g} to {earlier:.4g}, then stalled around "
-                       f"{now:.4g} over the last {len(half)} logging windows — plateau; {REMEDY['plateau']}")
+        q = max(4, len(values) // 4)
+        if len(values) >= 2 * q:
+            before, recent = min(values[:-q]), min(values[-q:])
+            fell = first > 0 and best < (1 - self.min_loss_drop) * first  # else it is "not converging"
+            stalled = recent > (1 - self.min_loss_drop) * before
+            if fell and stalled and now > 0.5 * first and self._hyst("plateau", True, patience=1):
+                msg = (f"step {step}: the training loss fell from {first:.4g} to {before:.4g}, then improved less than "
+                       f"{self.min_loss_drop:.0%} over the last {q} logging windows (steps "
+                       f"{self.losses[-q][0]}–{step}, now {now:.4g}, still above half the start) — plateau; "
+                       f"{REMEDY['plateau']}")
                 new.append(Finding("plateau", "", step, now, msg))
-        swings = self._swings(values[-12:])
+        swings = self._swings(values[-12:], first)
         if len(values) >= 6 and swings >= max(2, math.ceil(self.oscillation_rate * len(values[-12:]))):
             if self._hyst("oscillation", True, patience=1):
-                msg = (f"step {step}: the training loss swings up and down: {swings} rises of more than "
-                       f"{self.oscillation_amplitude:.0%} in the last {len(values[-12:])} logging windows "
+                msg = (f"step {step}: the training loss swings up and down: {swings} peak-to-trough falls of more than "
+                       f"{self.oscillation_amplitude:.0%} of the starting loss in the last {len(values[-12:])} logging windows "
                        f"({_fmt_trend(values[-6:])}) — oscillating loss; {REMEDY['oscillation']}")
                 new.append(Finding("oscillation", "", step, float(swings), msg))
         self.findings.extend(new)
         return new
 
-    def _swings(self, values: Sequence[float]) -> int:
+    def _swings(self, values: Sequence[float], scale: float) -> int:
         """AUTOTRAINER's peak/trough count: local maxima followed by a local minimum more than
-        ``oscillation_amplitude`` (relative to the peak) below it."""
+        ``oscillation_amplitude`` × ``scale`` (the first window's loss) below it. Relative to the start, not to
+        the current loss: a converged loss of 0.01 wobbling to 0.02 is noise, not oscillation."""
         peaks, troughs = [], []
         for i in range(1, len(values) - 1):
             if values[i] >= values[i - 1] and values[i] >= values[i + 1]:
@@ -365,7 +384,7 @@ class HealthDetector:
         count = 0
         for i, p in peaks:
             after = [t for j, t in troughs if j > i]
-            if after and p > 0 and (p - after[0]) / p > self.oscillation_amplitude:
+            if after and scale > 0 and (p - after[0]) / scale > self.oscillation_amplitude:
                 count += 1
         return count
 

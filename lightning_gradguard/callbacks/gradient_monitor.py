@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
-from lightning_gradguard.stats import (
+from lightning_gradguard.stats import (  # noqa: I001
     ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios, weight_norms,
 )
@@ -98,9 +98,10 @@ class GradientMonitor(Callback):
         progress_min_steps: int = 100,
         min_loss_drop: float = 0.1,
         oscillation_rate: float = 0.25,
-        oscillation_amplitude: float = 0.1,
-        update_ratio_high: float = 3e-2,
+        oscillation_amplitude: float = 0.05,
+        update_ratio_high: float = 0.1,
         update_ratio_low: float = 1e-5,
+        input_std_max: float = 20.0,
         warn: bool = True,
     ) -> None:
         owner = type(self).__name__
@@ -131,10 +132,11 @@ class GradientMonitor(Callback):
             raise ValueError(f"{owner}: update_ratio_low={update_ratio_low!r} must be < update_ratio_high={update_ratio_high!r}")
         self.warn = check_bool(owner, "warn", warn)
         self.exploding_hard_norm = float(exploding_hard_norm)
+        check_number(owner, "input_std_max", input_std_max, min_value=0.0, min_inclusive=False)
         self.detector = HealthDetector(
             vanishing_norm, vanishing_ratio, exploding_norm, growth_factor, dead_fraction, saturated_fraction, patience,
             exploding_hard_norm, progress_min_steps, min_loss_drop, oscillation_rate, oscillation_amplitude,
-            update_ratio_high, update_ratio_low,
+            update_ratio_high, update_ratio_low, input_std_max,
         )
         self.groups: list[LayerGroup] = []
         self._every = 1
@@ -161,6 +163,8 @@ class GradientMonitor(Callback):
         self._loss_n = 0
         self._loss_bad: Optional[torch.Tensor] = None  # first step whose loss was NaN/Inf (-1: none)
         self._batch_step = 0
+        self._input_std: Optional[torch.Tensor] = None
+        self._input_layer: Optional[LayerGroup] = None
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
 
@@ -214,6 +218,22 @@ class GradientMonitor(Callback):
         self._log_step, self._logging = step, True
         if self.activation_stats:
             self._attach_hooks(pl_module, step)
+        if self.detect:
+            self._attach_input_hook()
+
+    def _attach_input_hook(self) -> None:
+        """The std of the first compute layer's (floating-point) input on this logging step: unnormalized data."""
+        first = next((g for g in self.groups if _is_compute(g) and not g.frozen), None)
+        if first is None:
+            return
+
+        def pre_hook(mod, args):
+            x = args[0] if args else None
+            if self._input_std is None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1:
+                self._input_std = x.detach().float().std()
+                self._input_layer = first
+
+        self._hooks.append(first.module.register_forward_pre_hook(pre_hook))
 
     # ------------------------------------------------------------------------------- hooks
     def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
@@ -385,6 +405,9 @@ class GradientMonitor(Callback):
         nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
                      else torch.zeros(0, device=dev))
         hard = self._hard if self._hard is not None else torch.zeros(4, device=dev)
+        if self._input_std is not None:
+            hard = torch.cat([hard.to(dev), self._input_std.to(dev).reshape(1)])
+            self._input_std = None
         if self._loss_sum is not None and self._loss_n:
             loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev)])
         else:
@@ -452,6 +475,9 @@ class GradientMonitor(Callback):
             bad_loss = int(loss_h[1]) if loss_h[1] >= 0 else None
             self._report(trainer, self.detector.update_loss(step, loss_h[0], bad_loss))
         nf_step = int(nf_h[1][0]) if nf_h and nf_h[0][0] > 0 else None
+        if len(hard_h) > 4 and self._input_layer is not None:
+            g = self._input_layer
+            self._report(trainer, self.detector.input_scale(step, g.name, g.label(), hard_h[4]))
         if hard_h[0] > 0 and not self._hard_reported and (nf_step is None or hard_h[1] <= nf_step):
             g = self.groups[int(hard_h[3])]
             self._report(trainer, self.detector.exploding_at(int(hard_h[1]), g.name, g.label(), hard_h[2]))
