@@ -1,7 +1,8 @@
 """Health detectors: per-layer statistics and the training loss in, plain-language findings out.
 
 Gradient detectors run on the per-layer rows of a logging step (:meth:`HealthDetector.update`); training-
-progress detectors run on the mean training loss of each logging window (:meth:`HealthDetector.update_loss`).
+progress detectors run on the mean training loss of each logging window, pooled to at least ``min_window_steps``
+steps (:meth:`HealthDetector.update_loss`).
 A condition must hold on ``patience`` consecutive logging steps before it fires (except where noted), and once
 fired a detector stays quiet for that layer until the condition has been clear for ``patience`` logging steps.
 Every finding names a cause and says what preceded it where that is known.
@@ -150,12 +151,14 @@ class HealthDetector:
     update_ratio_high: float = 0.1
     update_ratio_low: float = 1e-5
     input_std_max: float = 20.0
+    min_window_steps: int = 10
     tracks: dict[str, _Track] = field(default_factory=dict)
     last_total: Optional[float] = None
     growth_streak: int = 0
     totals: list[tuple[int, float]] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     loss_nonfinite_step: Optional[int] = None
+    loss_buffer: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [sum of losses, steps] not yet a window
     findings: list[Finding] = field(default_factory=list)
 
     def _hyst(self, key: str, condition: bool, patience: Optional[int] = None) -> bool:
@@ -325,16 +328,25 @@ class HealthDetector:
         return [f]
 
     # ------------------------------------------------------------------------------------------- progress
-    def update_loss(self, step: int, loss: float, nonfinite_step: Optional[int] = None) -> list[Finding]:
+    def update_loss(self, step: int, loss: float, nonfinite_step: Optional[int] = None,
+                    steps: Optional[int] = None) -> list[Finding]:
         """Training-progress findings from the mean training loss of the logging window ending at ``step``.
 
-        ``nonfinite_step``: the first step whose loss was NaN/Inf, if any (then the progress rules stop: the
-        non-finite finding says what happened).
+        ``steps``: how many training steps that mean covers; windows shorter than ``min_window_steps`` are
+        pooled with the next ones first (logging every step would otherwise judge single, noisy batches).
+        ``None``: a full window. ``nonfinite_step``: the first step whose loss was NaN/Inf, if any (then the
+        progress rules stop: the non-finite finding says what happened).
         """
         if nonfinite_step is not None and self.loss_nonfinite_step is None:
             self.loss_nonfinite_step = nonfinite_step
         if self.loss_nonfinite_step is not None or not math.isfinite(loss):
             return []
+        if steps is not None:
+            self.loss_buffer = [self.loss_buffer[0] + loss * steps, self.loss_buffer[1] + steps]
+            if self.loss_buffer[1] < self.min_window_steps:
+                return []
+            loss = self.loss_buffer[0] / self.loss_buffer[1]
+            self.loss_buffer = [0.0, 0.0]
         self.losses.append((step, loss))
         new: list[Finding] = []
         if step < self.progress_min_steps or len(self.losses) < 4:
@@ -443,7 +455,7 @@ class HealthDetector:
             "tracks": {k: asdict(v) for k, v in self.tracks.items()}, "last_total": self.last_total,
             "growth_streak": self.growth_streak, "findings": [f.as_dict() for f in self.findings],
             "totals": [list(t) for t in self.totals], "losses": [list(t) for t in self.losses],
-            "loss_nonfinite_step": self.loss_nonfinite_step,
+            "loss_nonfinite_step": self.loss_nonfinite_step, "loss_buffer": list(self.loss_buffer),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -454,3 +466,4 @@ class HealthDetector:
         self.totals = [(int(s), float(v)) for s, v in state.get("totals", [])]
         self.losses = [(int(s), float(v)) for s, v in state.get("losses", [])]
         self.loss_nonfinite_step = state.get("loss_nonfinite_step")
+        self.loss_buffer = list(state.get("loss_buffer", [0.0, 0.0]))

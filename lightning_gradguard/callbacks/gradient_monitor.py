@@ -170,7 +170,8 @@ class GradientMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(per_parameter=self.per_parameter)
+        # two monitors at different cadences (or granularities) can watch one run, each with its own state
+        return self._generate_state_key(per_parameter=self.per_parameter, log_every_n_steps=self.log_every_n_steps)
 
     # ------------------------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -400,18 +401,7 @@ class GradientMonitor(Callback):
         self._reduce_activations()
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
-        nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
-        nf_keys = list(self._nf_flags)
-        nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
-                     else torch.zeros(0, device=dev))
-        hard = self._hard if self._hard is not None else torch.zeros(4, device=dev)
-        if self._input_std is not None:
-            hard = torch.cat([hard.to(dev), self._input_std.to(dev).reshape(1)])
-            self._input_std = None
-        if self._loss_sum is not None and self._loss_n:
-            loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev)])
-        else:
-            loss = torch.zeros(0, device=dev)
+        hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
         if self._is_hist_step(step):
@@ -431,7 +421,6 @@ class GradientMonitor(Callback):
         nf_h = host[6 : 6 + len(nf)]
         nf_layers_h = host[6 + len(nf)]
         hist_h = host[7 + len(nf) :]
-        self._loss_sum, self._loss_n = None, 0  # next window
         k = len(GRAD_STATS)
         metrics: dict[str, float] = {}
         rows: list[LayerRow] = []
@@ -468,12 +457,41 @@ class GradientMonitor(Callback):
         if self.detect:
             self._detect(trainer, step, rows, total, hard_h, loss_h, nf_h, nf_keys, nf_layers_h)
 
+    def _pending(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[tuple], torch.Tensor]:
+        """The device-side records the every-step checks kept since the last logging step (not yet on the host)."""
+        nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
+        nf_keys = list(self._nf_flags)
+        nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
+                     else torch.zeros(0, device=dev))
+        hard = self._hard.to(dev) if self._hard is not None else torch.zeros(4, device=dev)
+        if self._input_std is not None:
+            hard = torch.cat([hard, self._input_std.to(dev).reshape(1)])
+            self._input_std = None
+        if self._loss_sum is not None and self._loss_n:
+            loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev),
+                                torch.full((), float(self._loss_n), device=dev)])
+        else:
+            loss = torch.zeros(0, device=dev)
+        self._loss_sum, self._loss_n = None, 0  # next window
+        return hard, loss, nf, nf_keys, nf_layers
+
+    def _flush_pending(self, trainer: "pl.Trainer") -> None:
+        """At the end of fit: report what happened after the last logging step (a NaN at step 1 of a run logged
+        every 50 steps, the last loss window), in one transfer."""
+        dev = next((t.device for t in (self._nf_seen, self._loss_sum) if t is not None), None)
+        if dev is None:
+            return
+        hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
+        host = to_host(hard, loss, *nf, nf_layers)
+        step = max(trainer.global_step - 1, 0)  # the last optimizer step taken
+        self._detect(trainer, step, [], float("nan"), host[0], host[1], host[2 : 2 + len(nf)], nf_keys, host[2 + len(nf)])
+
     def _detect(self, trainer: "pl.Trainer", step: int, rows: list[LayerRow], total: float, hard_h: list[float],
                 loss_h: list[float], nf_h: list[list[float]], nf_keys: list[tuple], nf_layers_h: list[float]) -> None:
         amp = getattr(trainer.precision_plugin, "scaler", None) is not None
         if loss_h:  # the loss first, so a non-finite finding knows whether the loss was already non-finite
             bad_loss = int(loss_h[1]) if loss_h[1] >= 0 else None
-            self._report(trainer, self.detector.update_loss(step, loss_h[0], bad_loss))
+            self._report(trainer, self.detector.update_loss(step, loss_h[0], bad_loss, steps=int(loss_h[2])))
         nf_step = int(nf_h[1][0]) if nf_h and nf_h[0][0] > 0 else None
         if len(hard_h) > 4 and self._input_layer is not None:
             g = self._input_layer
@@ -482,7 +500,7 @@ class GradientMonitor(Callback):
             g = self.groups[int(hard_h[3])]
             self._report(trainer, self.detector.exploding_at(int(hard_h[1]), g.name, g.label(), hard_h[2]))
         self._hard_reported = self._hard_reported or hard_h[0] > 0
-        if nf_step is not None and not self._nf_reported and nf_step != step:
+        if nf_step is not None and not self._nf_reported and (nf_step != step or not rows):
             # the first step with NaN/Inf was between logging steps: report the layers recorded then
             flags, k = {}, 0
             for key in nf_keys:
@@ -493,7 +511,8 @@ class GradientMonitor(Callback):
                                  weighted=_is_compute(self.groups[i])) for i in sorted(i for i, f in flags.items() if f)]
             self._report(trainer, self.detector.update(nf_step, bad_rows, float("nan"), amp))
         self._nf_reported = nf_step is not None or self._nf_reported
-        self._report(trainer, self.detector.update(step, rows, total, amp))
+        if rows:
+            self._report(trainer, self.detector.update(step, rows, total, amp))
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:
@@ -513,6 +532,7 @@ class GradientMonitor(Callback):
         self._remove_hooks()
         self._draw(trainer, trainer.global_step)
         if self.detect:
+            self._flush_pending(trainer)
             summary = self.detector.summary()
             rank_zero_info(summary)
             log_text(trainer, "gradguard/summary", summary, step=trainer.global_step)
