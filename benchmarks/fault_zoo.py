@@ -6,8 +6,8 @@ on purpose; each has an expected finding kind and, where one layer is at fault, 
 as found when a finding of that kind (at that layer) appears; the step of that finding is the step of first
 detection. Healthy runs count a false alarm for any finding at all.
 
-    python benchmarks/fault_zoo.py                 # all cases, 200 steps each (a few minutes on 2 cores)
-    python benchmarks/fault_zoo.py --quick         # 4 cases, 60 steps (used by the test suite)
+    python benchmarks/fault_zoo.py                 # all 21 cases × seeds 0 1 2, 200 steps each (a few minutes)
+    python benchmarks/fault_zoo.py --quick         # 4 cases, seed 0, 60 steps (used by the test suite)
     python benchmarks/fault_zoo.py --write-readme  # also writes the table into README.md between the
                                                    # <!-- fault_zoo:start --> / <!-- fault_zoo:end --> markers
 """
@@ -212,6 +212,7 @@ class Result:
     findings: list[Any] = field(default_factory=list)
     hit: Optional[Any] = None
     seconds: float = 0.0
+    seed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -235,24 +236,30 @@ def run_case(case: Case, steps: int, seed: int = 0) -> Result:
     hit = None
     if case.kind is not None:
         hit = next((f for f in findings if f.kind == case.kind and (case.layer is None or f.layer == case.layer)), None)
-    return Result(case, findings, hit, seconds)
+    return Result(case, findings, hit, seconds, seed)
 
 
-def table(results: list[Result], steps: int) -> str:
+def table(results: list[Result], steps: int, seeds: list[int]) -> str:
+    """One row per case (the first seed's findings shown), then recall / false alarms over every (case, seed)."""
     lines = [
-        "| case | injected | expected | found (first finding of each kind) | ok | first detection |",
+        "| case | injected | expected | found (first finding of each kind, seed " + str(seeds[0]) + ") | ok (seeds) "
+        "| first detection (step, per seed) |",
         "|---|---|---|---|---|---|",
     ]
+    by_case: dict[str, list[Result]] = {}
     for r in results:
-        c = r.case
+        by_case.setdefault(r.case.name, []).append(r)
+    for runs in by_case.values():
+        c, r = runs[0].case, runs[0]
         expected = "nothing" if c.kind is None else (f"{c.kind} at `{c.layer}`" if c.layer else c.kind)
         kinds: dict[str, Any] = {}
         for f in r.findings:
             kinds.setdefault(f.kind, f)
         found = ", ".join(f"{k}{' at `' + f.layer + '`' if f.layer else ''} (step {f.step})" for k, f in kinds.items())
-        first = "—" if r.hit is None else f"step {r.hit.step}"
+        first = "—" if c.kind is None else " / ".join("missed" if x.hit is None else str(x.hit.step) for x in runs)
+        ok = sum(x.ok for x in runs)
         lines.append(f"| {c.name} | {c.description} | {expected} | {found or 'nothing'} | "
-                     f"{'yes' if r.ok else 'NO'} | {first} |")
+                     f"{'yes' if ok == len(runs) else 'NO'} ({ok}/{len(runs)}) | {first} |")
     faults = [r for r in results if r.case.kind is not None]
     healthy = [r for r in results if r.case.kind is None]
     hits = sum(r.ok for r in faults)
@@ -261,8 +268,8 @@ def table(results: list[Result], steps: int) -> str:
         "",
         f"recall: {hits}/{len(faults)} = {hits / max(1, len(faults)):.0%} (right kind, and right layer where one is "
         f"at fault); false alarms: {alarms}/{len(healthy)} healthy runs with any finding; "
-        f"{steps} steps per run, monitor every {CADENCE} steps, default thresholds; "
-        f"{sum(r.seconds for r in results):.0f}s of training in all.",
+        f"{len(by_case)} cases × seeds {', '.join(map(str, seeds))}, {steps} steps per run, monitor every {CADENCE} "
+        f"steps, default thresholds; {sum(r.seconds for r in results):.0f}s of training in all.",
     ]
     return "\n".join(lines)
 
@@ -282,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; 60 with --quick)")
     parser.add_argument("--quick", action="store_true", help="4 cases, 60 steps: a smoke test")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per case (default 0 1 2; 0 with --quick)")
     parser.add_argument("--write-readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args(argv)
     steps = args.steps or (60 if args.quick else 200)
@@ -292,14 +300,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     results = []
     for case in cases:
-        results.append(run_case(case, steps))
-        print(f"{case.name}: {'ok' if results[-1].ok else 'MISSED' if case.kind else 'FALSE ALARM'}", file=sys.stderr)
-    text = table(results, steps)
+        for seed in seeds:
+            results.append(run_case(case, steps, seed))
+            verdict = "ok" if results[-1].ok else "MISSED" if case.kind else "FALSE ALARM"
+            print(f"{case.name} (seed {seed}): {verdict}", file=sys.stderr)
+    text = table(results, steps, seeds)
     print(text)
     if args.write_readme:
-        cmd = "python benchmarks/fault_zoo.py" + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps else "")
+        cmd = ("python benchmarks/fault_zoo.py" + (" --quick" if args.quick else "")
+               + (f" --steps {args.steps}" if args.steps else "") + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
         write_readme(text, cmd + " --write-readme")
     faults = [r for r in results if r.case.kind is not None]
     healthy = [r for r in results if r.case.kind is None]

@@ -297,5 +297,5 @@ def test_fault_zoo_quick_run():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "recall: 3/3 = 100%" in proc.stdout and "false alarms: 0/1" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 4 and all("| yes |" in r for r in rows)
+    assert len(rows) == 4 and all("| yes (1/1) |" in r for r in rows)
     assert math.isfinite(float(proc.stdout.split("s of training")[0].split()[-1]))
