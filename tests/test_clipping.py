@@ -266,3 +266,27 @@ def test_hydra_bad_override_names_field_value_and_choices(compose_cfg):
         instantiate(compose_cfg(["gradguard/clip=norm", "callbacks.grad_clip.algorithm=nrom"]).callbacks.grad_clip)
     with pytest.raises(ConfigCompositionException, match=r"callbacks.grad_clip.max_nrom"):
         compose_cfg(["gradguard/clip=norm", "callbacks.grad_clip.max_nrom=1"])
+
+
+class NaNSpreads(DeepMLP):
+    """A NaN that arises in layer net.3 and reaches the layer before it, as backward would carry it."""
+
+    def on_after_backward(self):
+        if self.global_step == 1:
+            self.net[3].weight.grad[0, 0] = float("nan")
+            self.net[1].weight.grad[0, 0] = float("nan")
+
+
+def test_nonfinite_message_names_the_layer_nearest_the_loss(tmp_path):
+    trainer = _trainer(tmp_path, [GradientClipping("norm", threshold=1.0, on_nonfinite="raise")])
+    with pytest.raises(FloatingPointError, match=r"step 1 in parameter 'net.3.weight' \(the one nearest the loss"):
+        trainer.fit(NaNSpreads(input_shape=[16], num_classes=4, depth=3, width=8),
+                    datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+
+
+def test_percentile_nonfinite_message_does_not_claim_gradients_were_left_alone(tmp_path):
+    trainer = _trainer(tmp_path, [GradientClipping("percentile", warmup_steps=1, on_nonfinite="warn")], max_steps=2)
+    with pytest.warns(RuntimeWarning, match=r"multiplied every gradient by threshold/norm") as record:
+        trainer.fit(NaNAt(input_shape=[16], num_classes=4, depth=3, width=8),
+                    datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    assert not any("unclipped" in str(w.message) for w in record)

@@ -21,11 +21,19 @@ ON_NONFINITE = ("skip", "warn", "raise")
 
 
 def first_nonfinite_parameter(pl_module: torch.nn.Module, params: list[torch.Tensor]) -> Optional[str]:
-    """Name of the first parameter (in registration order) whose gradient holds NaN/Inf (syncs; error path)."""
+    """Name of the parameter nearest the loss (the last in forward order, so the first that backward reaches)
+    whose gradient holds NaN/Inf: where the NaN first appeared (syncs; error path only)."""
+    from lightning_gradguard.stats import layer_groups
+
     wanted = {id(p) for p in params}
-    for name, p in pl_module.named_parameters():
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    try:
+        ordered = [p for g in layer_groups(pl_module) for p in g.params]  # forward order
+    except Exception:  # noqa: BLE001 - an untraceable model: registration order
+        ordered = list(pl_module.parameters())
+    for p in reversed(ordered):
         if id(p) in wanted and p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return name
+            return names.get(id(p))
     return None
 
 
@@ -210,14 +218,25 @@ class GradientClipping(Callback):
         if bool(finite):  # one flag crosses to the host per step for warn/raise
             return True, norm
         self._nonfinite += 1
-        name = first_nonfinite_parameter(pl_module, params)
-        message = (
-            f"GradientClipping: non-finite gradient at step {trainer.global_step} in parameter {name!r} "
-            f"(global norm {float(norm)})"
-        )
+        if self.algorithm == "percentile":
+            # the percentile clip has already scaled every gradient by threshold / (non-finite norm): all are
+            # NaN now, so the parameter where it arose cannot be told from them
+            message = (
+                f"GradientClipping: non-finite gradient norm at step {trainer.global_step} (global norm "
+                f"{float(norm)}); percentile clipping multiplied every gradient by threshold/norm, so all of them "
+                "are NaN now (put GradientMonitor before GradientClipping to see the layer where it first appeared)"
+            )
+            tail = "; the optimizer steps on these gradients (on_nonfinite='warn')"
+        else:
+            name = first_nonfinite_parameter(pl_module, params)
+            message = (
+                f"GradientClipping: non-finite gradient at step {trainer.global_step} in parameter {name!r} (the "
+                f"one nearest the loss: where backward first produced it; global norm {float(norm)})"
+            )
+            tail = "; gradients left unclipped (on_nonfinite='warn')"
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message + "; set on_nonfinite='skip' to zero such steps instead")
-        warnings.warn(message + "; gradients left unclipped (on_nonfinite='warn')", RuntimeWarning, stacklevel=2)
+        warnings.warn(message + tail, RuntimeWarning, stacklevel=2)
         return False, norm
 
     def _threshold_on(self, device: torch.device) -> torch.Tensor:
