@@ -63,7 +63,14 @@ class GradientMonitor(Callback):
         figure_every_n_steps: 0 draws the gradient-flow figure only at the end of fit.
         nonfinite_check: ``every_step`` (remember the first step with NaN/Inf gradients and its layers,
             on the device) or ``logging_steps`` (only look on logging steps).
-        detect: run the health detectors; their thresholds are the remaining arguments.
+        detect: run the health detectors (:mod:`lightning_gradguard.health`); their thresholds are the
+            remaining arguments: ``exploding_hard_norm`` fires at once (also between logging steps, from the
+            every-step check); ``progress_min_steps``, ``min_loss_drop``, ``oscillation_rate``,
+            ``oscillation_amplitude`` drive the training-progress findings, read from the loss that
+            ``training_step`` returns (summed on the device each step, read on logging steps);
+            ``update_ratio_high``/``update_ratio_low`` bound the median / largest ‖Δw‖/‖w‖;
+            ``input_std_max`` flags unnormalized inputs. What happened after the last logging step is
+            reported at the end of fit.
         warn: issue a Python warning per finding (they are always logged as text).
 
     Raises:
