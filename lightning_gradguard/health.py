@@ -20,9 +20,10 @@ nonfinite       NaN/Inf in a gradient, at once: names the layer nearest the loss
                 over the logging steps before it; under AMP: ``amp_overflow``
 vanishing       the weighted compute layers (Linear/Conv/RNN/attention; not norm          1e-3, 1e-7
                 layers, embeddings, position tables, nor gradients exactly 0) from the
-                input up to some depth all have a norm < ``vanishing_ratio`` × the
-                largest norm of the output-side quarter of those layers (or every
-                weighted layer < ``vanishing_norm``): names the depth where it collapses
+                input up to some depth (at least a quarter of them, and 2) all have a
+                norm < ``vanishing_ratio`` × the median norm of the output-side half of
+                those layers (or every weighted layer < ``vanishing_norm``): names the
+                depth where it collapses
 dead_relu       > ``dead_fraction`` of a ReLU layer's units output 0 for the whole batch  0.5
 saturation      > ``saturated_fraction`` of a sigmoid/tanh layer's outputs near a bound   0.5
 not_converging  after ``progress_min_steps`` steps the loss is less than                  100, 10%
@@ -47,7 +48,8 @@ convergence as a small best improvement, unstable loss as many large peak-to-tro
 
 Example:
     >>> detector = HealthDetector(patience=3)
-    >>> rows = [LayerRow("fc1", "layer `fc1`", "relu", 1e-9), LayerRow("fc2", "layer `fc2`", None, 1.0)]
+    >>> rows = [LayerRow("fc1", "layer `fc1`", "relu", 1e-9), LayerRow("fc2", "layer `fc2`", "relu", 1e-8),
+    ...         LayerRow("fc3", "layer `fc3`", None, 1.0)]
     >>> [f.kind for f in detector.update(0, rows, 1.0)] + [f.kind for f in detector.update(1, rows, 1.0)]
     []
     >>> [f.kind for f in detector.update(2, rows, 1.0)]
@@ -243,18 +245,22 @@ class HealthDetector:
         collapse: Optional[int] = None
         ref = 0.0
         if len(comp) >= 2:
-            tail = comp[-max(1, len(comp) // 4):]
-            ref = max(r.grad_norm for r in tail)
+            # reference: the median of the output-side half (a classifier head or pooler is not comparable with
+            # the body's layers, and the median ignores it); the collapse must cover the input-side prefix of at
+            # least a quarter of the layers (one small layer, e.g. an attention key projection at init, is not
+            # vanishing by depth)
+            tail = comp[-max(1, len(comp) // 2):]
+            ref = statistics.median(r.grad_norm for r in tail)
             k = -1
             while k + 1 < len(comp) - len(tail) and comp[k + 1].grad_norm < self.vanishing_ratio * ref:
                 k += 1
-            collapse = k if k >= 0 else None
+            collapse = k if k + 1 >= max(2, math.ceil(len(comp) / 4)) else None
         tiny = bool(comp) and all(r.grad_norm < self.vanishing_norm for r in comp)
         if self._hyst("vanishing", collapse is not None or tiny):
             if collapse is not None:
                 r = comp[collapse]
                 msg = (f"step {step}: {r.label}: gradient norm {r.grad_norm:.2g}, {r.grad_norm / ref:.2g} of the "
-                       f"output-side layers' — vanishing gradients: the norm collapses at depth {collapse + 1} of "
+                       f"output-side half's median — vanishing gradients: the norm collapses at depth {collapse + 1} of "
                        f"{len(comp)} weighted layers and stays below {self.vanishing_ratio:g}× down to the input "
                        f"({_fmt_trend([c.grad_norm for c in comp])} from input to output); {REMEDY['vanishing']}")
             else:

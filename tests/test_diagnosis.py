@@ -291,6 +291,45 @@ def test_no_finding_on_ordinary_architectures(tmp_path, arch):
     assert len(every.detector.losses) == 20 and len(default.detector.losses) == 4
 
 
+class HFClassifier(nn.Module):
+    """A tiny Hugging Face sequence classifier built from a config (random weights, no download)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        import transformers as tf
+
+        if kind == "bert":
+            cfg = tf.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=16, num_labels=4)
+            self.model = tf.BertForSequenceClassification(cfg)
+        else:
+            cfg = tf.BartConfig(vocab_size=32, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                max_position_embeddings=16, num_labels=4, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+            self.model = tf.BartForSequenceClassification(cfg)
+        self.kind = kind
+
+    def forward(self, tokens):
+        if self.kind == "bart":  # BART classifies from the <eos> token: exactly one per sequence
+            tokens = torch.cat([tokens.clamp(min=3), torch.full_like(tokens[:, :1], 2)], dim=1)
+        return self.model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart"])
+def test_no_finding_on_tiny_hugging_face_models(tmp_path, kind):
+    """Tiny BERT and BART (query/key projections with near-zero gradients at init, a pooler/classification head
+    far larger than the body's layers, LayerNorms, embeddings, position tables): 200 steps, default cadence and
+    every step, no finding."""
+    pytest.importorskip("transformers")
+    pl.seed_everything(0, verbose=False)
+    default = GradientMonitor(histogram_every_n_steps=0, warn=False)
+    every = GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False)
+    trainer = _trainer(tmp_path, [default, every], max_steps=200)
+    trainer.fit(Classifier(HFClassifier(kind)), train_dataloaders=_tokens())
+    for monitor in (default, every):
+        assert monitor.detector.findings == [], monitor.detector.summary()
+
+
 def test_fault_zoo_quick_run():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_zoo.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
