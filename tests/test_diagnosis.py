@@ -181,18 +181,18 @@ class FortyLayers(DeepMLP):
         super().__init__(depth=40, width=32, lr=0.01, momentum=0.0)
 
 
-def test_a_net_that_does_not_learn_is_not_called_healthy(tmp_path):
-    """A 40-layer ReLU MLP (default init) barely learns: the summary must say the loss is not falling."""
+def test_gradguard_summary_says_the_loss_is_not_falling(tmp_path):
+    """GradGuard's own monitor: a 40-layer ReLU MLP left as it is (remedies off, so the probe's trials do not
+    run) learns next to nothing in 110 steps; the end-of-fit summary must say so, not "no problems"."""
+    from lightning_gradguard import GradGuard
+
     pl.seed_everything(0, verbose=False)
-    monitor = GradientMonitor(warn=False, activation_stats=False, progress_min_steps=50)
-    trainer = _trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=10)
+    gg = GradGuard(init="off", batchnorm="off", activation="off", clipping="off", verbose=False, seed=0)
+    trainer = _trainer(tmp_path, [gg], max_steps=110, log_every_n_steps=10)
     trainer.fit(FortyLayers(), datamodule=DigitsDataModule())
-    summary = monitor.detector.summary()
-    assert "no gradient problems found" not in summary
-    assert any(f.kind in ("not_converging", "plateau") for f in monitor.detector.findings), summary
-    assert "not falling" in summary or "plateau" in summary
-    events = load_events(trainer.logger.log_dir)
-    assert any("not_converging" in t or "plateau" in t for t in read_texts(events, "gradguard/summary"))
+    summary = read_texts(load_events(trainer.logger.log_dir), "gradguard/summary")
+    assert summary and "no gradient problems found" not in summary[-1], summary
+    assert "not converging" in summary[-1] or "plateau" in summary[-1], summary
 
 
 # ----------------------------------------------------------------------------------------- ordinary architectures
