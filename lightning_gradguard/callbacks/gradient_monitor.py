@@ -283,13 +283,23 @@ class GradientMonitor(Callback):
         try:
             self._finish_step(trainer, step)
         finally:
-            self._logging = False
-            self._grad.clear()
-            self._before.clear()
-            self._acts.clear()
-            self._act_out.clear()
-            self._act_hists.clear()
-            self._remove_hooks()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
+        self._logging = False
+        self._grad.clear()
+        self._before.clear()
+        self._acts.clear()
+        self._act_out.clear()
+        self._act_hists.clear()
+        self._remove_hooks()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._end_step()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._end_step()
 
     def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
         idx = sorted(self._grad)
