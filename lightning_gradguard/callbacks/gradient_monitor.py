@@ -389,13 +389,23 @@ class GradientMonitor(Callback):
         try:
             self._finish_step(trainer, step)
         finally:
-            self._logging = False
-            self._grad.clear()
-            self._before.clear()
-            self._acts.clear()
-            self._act_out.clear()
-            self._act_hists.clear()
-            self._remove_hooks()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
+        self._logging = False
+        self._grad.clear()
+        self._before.clear()
+        self._acts.clear()
+        self._act_out.clear()
+        self._act_hists.clear()
+        self._remove_hooks()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._end_step()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._end_step()
 
     def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
         idx = sorted(self._grad)
@@ -409,20 +419,7 @@ class GradientMonitor(Callback):
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
-        hist_tags: list[str] = []
-        hists: list[torch.Tensor] = []
-        if self._is_hist_step(step):
-            for g in sub:
-                for k, p in enumerate(g.params):
-                    suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
-                    if p.grad is not None:
-                        hist_tags.append(f"hist_grad/{suffix}")
-                        hists.append(histogram(p.grad, self.histogram_bins))
-                    hist_tags.append(f"hist_weight/{suffix}")
-                    hists.append(histogram(p, self.histogram_bins))
-            for i, h in self._act_hists.items():
-                hist_tags.append(f"hist_act/{self.groups[i].name}")
-                hists.append(h)
+        hist_tags, hists = self._histograms(sub) if self._is_hist_step(step) else ([], [])
         host = to_host(grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists)  # the one device → host transfer
         grad_h, wnorm_h, ratio_h, acts_h, hard_h, loss_h = host[:6]
         nf_h = host[6 : 6 + len(nf)]
@@ -520,6 +517,23 @@ class GradientMonitor(Callback):
         self._nf_reported = nf_step is not None or self._nf_reported
         if rows:
             self._report(trainer, self.detector.update(step, rows, total, amp))
+
+    def _histograms(self, sub: list) -> tuple[list[str], list[torch.Tensor]]:
+        """Tags and on-device bin counts of every gradient, weight and recorded activation of ``sub``."""
+        hist_tags: list[str] = []
+        hists: list[torch.Tensor] = []
+        for g in sub:
+            for k, p in enumerate(g.params):
+                suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
+                if p.grad is not None:
+                    hist_tags.append(f"hist_grad/{suffix}")
+                    hists.append(histogram(p.grad, self.histogram_bins))
+                hist_tags.append(f"hist_weight/{suffix}")
+                hists.append(histogram(p, self.histogram_bins))
+        for i, h in self._act_hists.items():
+            hist_tags.append(f"hist_act/{self.groups[i].name}")
+            hists.append(h)
+        return hist_tags, hists
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:
