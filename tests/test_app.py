@@ -53,7 +53,7 @@ def test_fit_writes_tensorboard_events_that_read_back(compose_cfg, capsys):
     result = run(cfg)
     out = capsys.readouterr().out
     assert f"TensorBoard logs: {result['log_dir']}" in out
-    assert f"tensorboard --logdir {result['log_dir']}" in out
+    assert f"tensorboard --logdir {result['trainer'].logger.root_dir}" in out
     events = load_events(result["log_dir"])
     tags = events.Tags()["scalars"]
     assert "train/loss_step" in tags and "val/acc" in tags

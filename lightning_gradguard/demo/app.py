@@ -5,6 +5,8 @@ Usable without ``hydra.main`` (tests call :func:`run` on a config from ``hydra.c
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,15 +56,94 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, model, trainer
 
 
-def _log_run_name(trainer: pl.Trainer) -> None:
-    """Name the run after its Hydra overrides (TensorBoard text ``gradguard/run``; ``gradguard report`` shows it)."""
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: try installing litlogger/litmodels" adverts: noise that hides the demo's own lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_lightning_noise() -> None:
+    """Hide two messages that every demo run would print and that say nothing about the run: Lightning's
+    litlogger/litmodels tips and its ``isinstance(treespec, LeafSpec)`` deprecation warning (Lightning 2.6's own
+    code on torch 2.13, nothing a user can act on). Everything else Lightning says stays."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def _overrides() -> list[str]:
+    """The run's Hydra command-line overrides (none when the config was composed without ``hydra.main``)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lightning_gradguard.reporting import log_text
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "trainer.enable_progress_bar"))]
 
-    if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "trainer.enable_progress_bar"))]
-        log_text(trainer, "gradguard/run", " ".join(overrides) or "(defaults)", step=0)
+
+def _choices() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()
+            if not k.startswith("hydra") and v is not None}
+
+
+def run_description(overrides: list[str], choices: dict[str, str]) -> str:
+    """``gradguard/run``: the overrides as a markdown list, then the config group choices (``gradguard report``
+    reads the list back)."""
+    from lightning_gradguard._text import markdown_table
+
+    items = "\n".join(f"- `{o}`" for o in overrides) or "- none: the defaults of `conf/train.yaml`"
+    text = f"### overrides\n{items}\n"
+    if choices:
+        text += "\n### config groups\n" + markdown_table(("group", "choice"), sorted(choices.items()))
+    return text
+
+
+def run_hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Hyperparameters for TensorBoard's HParams tab: every override (``key`` -> value), the model's arguments,
+    the data module, epochs, seed and the callbacks on the Trainer."""
+    params: dict[str, Any] = {}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    params["model"] = str(model.pop("_target_", "?")).rsplit(".", 1)[-1]
+    for k, v in model.items():
+        params[f"model.{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    params["data"] = str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
+    params["trainer.max_epochs"] = cfg.trainer.get("max_epochs")
+    params["seed"] = cfg.get("seed")
+    params["callbacks"] = ",".join(sorted(k for k, v in (cfg.get("callbacks") or {}).items() if v is not None)) or "none"
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        params[key] = value if value else "removed"
+    return {k: ("none" if v is None else v) for k, v in params.items()}
+
+
+def _findings(trainer: pl.Trainer) -> list[Any]:
+    from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
+
+    for cb in trainer.callbacks:
+        for c in (cb, *getattr(cb, "subs", {}).values()):
+            if isinstance(c, GradientMonitor):
+                return list(c.detector.findings)
+    return []
+
+
+def final_metrics(trainer: pl.Trainer, test_acc: float, test_loss: float) -> dict[str, float]:
+    """The HParams tab's metric columns: test accuracy/loss, the last epoch's training loss, finding counts."""
+    from lightning_gradguard.health import REMEDY
+
+    found = _findings(trainer)
+    train_loss = trainer.callback_metrics.get("train/loss_epoch", trainer.callback_metrics.get("train/loss"))
+    metrics = {"test_acc": test_acc, "test_loss": test_loss,
+               "final_train_loss": float(train_loss) if train_loss is not None else float("nan"),
+               "findings": float(len(found))}
+    for kind in REMEDY:
+        metrics[f"findings_{kind}"] = float(sum(f.kind == kind for f in found))
+    return metrics
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -70,16 +151,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns ``{"test_acc", "test_loss", "log_dir", "trainer", "model"}``.
     """
+    quiet_lightning_noise()
     datamodule, model, trainer = build(cfg)
-    _log_run_name(trainer)
+    from lightning_gradguard.reporting import log_hparams, log_markdown
+
+    overrides = _overrides()
+    log_markdown(trainer, "gradguard/run", run_description(overrides, _choices()), step=0)
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False) if cfg.get("run_test", True) else [{}]
     test_acc = float(results[0].get("test/acc", float("nan")))
     test_loss = float(results[0].get("test/loss", float("nan")))
+    log_hparams(trainer, run_hparams(cfg, overrides), final_metrics(trainer, test_acc, test_loss))
     log_dir = trainer.logger.log_dir if trainer.logger is not None else None
     if trainer.is_global_zero:
         where = f"TensorBoard logs: {log_dir}" if log_dir else "no logger configured"
         print(f"test accuracy: {test_acc:.4f} (loss {test_loss:.4g}) | {where}")
         if log_dir:
-            print(f"view them with: tensorboard --logdir {log_dir}")
+            # the logger's root, so TensorBoard names the run after its version folder, not "."
+            print(f"view them with: tensorboard --logdir {trainer.logger.root_dir}")
     return {"test_acc": test_acc, "test_loss": test_loss, "log_dir": log_dir, "trainer": trainer, "model": model}
