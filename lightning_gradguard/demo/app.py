@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
@@ -74,37 +74,29 @@ def quiet_lightning_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def _overrides() -> list[str]:
-    """The run's Hydra command-line overrides (none when the config was composed without ``hydra.main``)."""
+def _overrides() -> Optional[list[str]]:
+    """The run's Hydra command-line overrides; None when the config was composed without ``hydra.main``."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return []
+        return None
     return [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "trainer.enable_progress_bar"))]
 
 
-def _choices() -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()
-            if not k.startswith("hydra") and v is not None}
-
-
-def run_description(overrides: list[str], choices: dict[str, str]) -> str:
-    """``gradguard/run``: the overrides as a markdown list, then the config group choices (``gradguard report``
-    reads the list back)."""
+def run_description(overrides: Optional[list[str]], params: dict[str, Any]) -> str:
+    """``gradguard/run``: the overrides as a markdown list (``gradguard report`` reads it back), then the run's
+    settings (the HParams of :func:`run_hparams`) as a table."""
     from lightning_gradguard._text import markdown_table
 
-    items = "\n".join(f"- `{o}`" for o in overrides) or "- none: the defaults of `conf/train.yaml`"
-    text = f"### overrides\n{items}\n"
-    if choices:
-        text += "\n### config groups\n" + markdown_table(("group", "choice"), sorted(choices.items()))
-    return text
+    if overrides is None:
+        items = "- not known: the config was composed without `hydra.main`"
+    else:
+        items = "\n".join(f"- `{o}`" for o in overrides) or "- none: the defaults of `conf/train.yaml`"
+    table = markdown_table(("setting", "value"), [(k, str(v)) for k, v in params.items()])
+    return f"### overrides\n{items}\n\n### settings\n{table}"
 
 
-def run_hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+def run_hparams(cfg: DictConfig, overrides: Optional[list[str]]) -> dict[str, Any]:
     """Hyperparameters for TensorBoard's HParams tab: every override (``key`` -> value), the model's arguments,
     the data module, epochs, seed and the callbacks on the Trainer."""
     params: dict[str, Any] = {}
@@ -116,7 +108,7 @@ def run_hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     params["trainer.max_epochs"] = cfg.trainer.get("max_epochs")
     params["seed"] = cfg.get("seed")
     params["callbacks"] = ",".join(sorted(k for k, v in (cfg.get("callbacks") or {}).items() if v is not None)) or "none"
-    for o in overrides:
+    for o in overrides or []:
         key, _, value = o.lstrip("+~").partition("=")
         params[key] = value if value else "removed"
     return {k: ("none" if v is None else v) for k, v in params.items()}
@@ -156,12 +148,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lightning_gradguard.reporting import log_hparams, log_markdown
 
     overrides = _overrides()
-    log_markdown(trainer, "gradguard/run", run_description(overrides, _choices()), step=0)
+    params = run_hparams(cfg, overrides)
+    # one HParams entry per run, ours (it holds the model's arguments too): Lightning's own would come first
+    # and the HParams tab would show its columns instead
+    model._log_hyperparams = False
+    datamodule._log_hyperparams = False
+    log_markdown(trainer, "gradguard/run", run_description(overrides, params), step=0)
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False) if cfg.get("run_test", True) else [{}]
     test_acc = float(results[0].get("test/acc", float("nan")))
     test_loss = float(results[0].get("test/loss", float("nan")))
-    log_hparams(trainer, run_hparams(cfg, overrides), final_metrics(trainer, test_acc, test_loss))
+    log_hparams(trainer, params, final_metrics(trainer, test_acc, test_loss))
     log_dir = trainer.logger.log_dir if trainer.logger is not None else None
     if trainer.is_global_zero:
         where = f"TensorBoard logs: {log_dir}" if log_dir else "no logger configured"
