@@ -120,10 +120,11 @@ def _layers_meta(text: str) -> list[dict[str, Any]]:
     return json.loads(_plain(text))
 
 
-def _findings(entries: list[tuple[int, str]]) -> list[str]:
-    """``gradguard/findings`` entries as ``[kind] step N: finding; what to do`` lines (markdown rows or old plain text)."""
+def finding_lines(texts: Sequence[str]) -> list[str]:
+    """``gradguard/findings`` text entries as ``[kind] step N: finding; what to do`` lines (markdown rows or
+    old plain text)."""
     out = []
-    for _, text in entries:
+    for text in texts:
         rows = parse_markdown_table(text)
         if not rows:
             out.append(_plain(text))
@@ -193,7 +194,8 @@ def summarize_run(run_dir: Path, step: Optional[int] = None, label: Optional[str
         layers_meta = _layers_meta(layer_info[-1][1])
     else:  # older logs: tag order
         layers_meta = [{"name": t.split("/", 1)[1], "type": "?", "activation": None} for t in norm_tags]
-    findings = [f for f in _findings(_texts(acc, "gradguard/findings")) if step is None or _finding_step(f) <= step]
+    findings = [f for f in finding_lines([t for _, t in _texts(acc, "gradguard/findings")])
+                if step is None or _finding_step(f) <= step]
     layers: list[LayerSummary] = []
     series: dict[str, list[list[float]]] = {}
     ratio_series: dict[str, list[list[float]]] = {}

@@ -115,6 +115,18 @@ def log_layout(trainer: "pl.Trainer", layout: dict[str, Any]) -> None:
         writer.add_custom_scalars(layout)
 
 
+def progress_bar(trainer: "pl.Trainer", desc: str, enabled: bool = True) -> Any:
+    """A console progress bar (tqdm, on stderr) for work a user waits on outside Lightning's own bars (GradGuard's
+    probe and trials): only on global rank 0, only when ``enabled`` and stderr is a terminal, and a no-op
+    object otherwise. Counts forward/backward passes."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = enabled and trainer.is_global_zero and sys.stderr.isatty()
+    return tqdm(desc=desc, unit="pass", file=sys.stderr, disable=not show, leave=False, dynamic_ncols=True)
+
+
 def flush(trainer: "pl.Trainer") -> None:
     for writer in tensorboard_writers(trainer):
         writer.flush()

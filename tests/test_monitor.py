@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_gradguard import GradientMonitor
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SyntheticDataModule
+from lightning_gradguard.report import finding_lines
 from tests.helpers import load_events, read_texts
 
 
@@ -89,7 +90,8 @@ def test_scalars_match_direct_computation(tmp_path):
 
 
 def _findings(trainer):
-    return read_texts(load_events(trainer.logger.log_dir), "gradguard/findings")
+    """The findings written as markdown rows, read back as ``[kind] step N: message`` lines."""
+    return finding_lines(read_texts(load_events(trainer.logger.log_dir), "gradguard/findings"))
 
 
 def test_deep_sigmoid_mlp_reports_vanishing_at_a_low_layer(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gradguard._text import text_table
+from lightning_gradguard._text import markdown_table, text_table
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.activations import SATURATING_BOUNDS
 from lightning_gradguard.callbacks._common import resume_checkpoint_path, run_when_model_exists, train_dataloader
@@ -22,7 +22,7 @@ from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 from lightning_gradguard.doctor import Decision, apply_remedies, fmt, probe, trial
-from lightning_gradguard.reporting import log_text, print_table
+from lightning_gradguard.reporting import log_markdown, print_table, progress_bar
 
 MODES = ("auto", "force", "off")
 TARGETS = ("elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu")
@@ -216,9 +216,11 @@ class GradGuard(Callback):
         trial_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         patched = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
         pl_module.__dict__.update(patched)  # training_step's self.log is a no-op while probing
+        bar = progress_bar(trainer, "GradGuard probe", enabled=self.verbose)
         try:
             base = probe(pl_module, batches, _loss_of)
             self.cost_steps += len(batches)
+            bar.update(len(batches))
             spent = lambda: time.perf_counter() - start  # noqa: E731
             # clipping first: by rule, and part of every trial when chosen
             clip_reasons = []
@@ -237,8 +239,11 @@ class GradGuard(Callback):
 
             def raw_trial(rem: dict[str, dict[str, Any]], steps: int = self.trial_steps) -> float:
                 self.cost_steps += steps
-                return trial(pl_module, rem, stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
+                bar.set_description(f"GradGuard trial: {'+'.join(sorted(rem)) or 'no remedy'}")
+                loss = trial(pl_module, rem, stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
                              steps, trial_seed, dict(memo))
+                bar.update(steps)
+                return loss
 
             def run_trial(rem: dict[str, dict[str, Any]], label: str) -> float:
                 nonlocal clip_on
@@ -265,8 +270,15 @@ class GradGuard(Callback):
                 keep = init_mode == "force" or init_loss <= base_loss * (1 + self.margin)
                 if keep:
                     best, best_loss = {"init": {"scheme": "auto"}}, init_loss
+                if init_mode == "force":
+                    verdict = ""
+                elif keep:
+                    verdict = ("; kept: lower" if init_loss <= base_loss else
+                               f"; kept: within the {self.margin:.0%} tolerance (margin), so not worse")
+                else:
+                    verdict = f"; dropped: worse by more than the {self.margin:.0%} tolerance (margin)"
                 decisions.append(Decision("init", "forced" if init_mode == "force" else ("applied" if keep else "not applied"),
-                                          f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps)"))
+                                          f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){verdict}"))
             # measurements after init
             after = base
             if best:
@@ -325,7 +337,9 @@ class GradGuard(Callback):
                 if picked and not self.architecture_changes:
                     status = "suggested (architecture_changes=False)"
                 detail = ", ".join(f"{k} {fmt(v)}" for k, v in tried.items())
-                decisions.append(Decision(name, status, f"{reason}; trial loss {fmt(ref_loss)} → {detail}"))
+                verdict = ("" if self.modes[name] == "force" else
+                           f"; {'' if picked else 'not '}better than {fmt(ref_loss)} by the {self.margin:.0%} margin")
+                decisions.append(Decision(name, status, f"{reason}; trial loss {fmt(ref_loss)} → {detail}{verdict}"))
                 if picked and self.architecture_changes:
                     best[name] = chosen.get(name) or (bn_opts if name == "batchnorm" else {"mapping": mapping})
             if clip_on and self.modes["clipping"] == "auto" and self.clip_algorithm == "percentile" and spent() <= self.budget_seconds:
@@ -344,6 +358,7 @@ class GradGuard(Callback):
             if clip_on:
                 remedies["clipping"] = dict(common["clipping"])
         finally:
+            bar.close()
             for k in patched:
                 pl_module.__dict__.pop(k, None)
         self._finish_decisions(trainer, decisions, remedies, start)
@@ -381,12 +396,20 @@ class GradGuard(Callback):
         head = ("remedy", "decision", "measurement")
         return text_table(head, [(d.remedy, d.status, d.measurement) for d in self.decisions])
 
+    def markdown(self) -> str:
+        """The decision table as markdown (TensorBoard text ``gradguard/decisions``)."""
+        head = ("remedy", "decision", "measurement")
+        rows = [(d.remedy, f"**{d.status}**" if d.status in ("applied", "forced") else d.status, d.measurement)
+                for d in self.decisions]
+        return (markdown_table(head, rows) + f"\n\nprobe and trials: {self.cost_seconds:.2f}s, "
+                f"{self.cost_steps} forward/backward passes; rules: `lightning_gradguard.doctor`")
+
     # ---------------------------------------------------------------------------------- forwarding
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         text = self.table() + f"\nprobe and trials: {self.cost_seconds:.2f}s, {self.cost_steps} forward/backward passes"
         if self.verbose:
             print_table("GradGuard decisions", text)
-        log_text(trainer, "gradguard/decisions", text, step=0)
+        log_markdown(trainer, "gradguard/decisions", self.markdown(), step=0)
         for sub in self.subs.values():
             sub.on_fit_start(trainer, pl_module)
 
