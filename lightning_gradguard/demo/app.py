@@ -41,11 +41,121 @@ def validate_run_config(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{name}={entry!r} must be a mapping with a _target_ key (or null to disable)")
 
 
+def _arguments(target: str) -> Optional[list[str]]:
+    """The keyword arguments ``target`` accepts (None when it takes ``**kwargs`` or cannot be inspected)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        params = inspect.signature(obj).parameters.values()
+    except Exception:  # noqa: BLE001 - an import error surfaces later, from instantiate, with its own message
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if not path:
+        return f"{key} is not a valid key{hint}; valid top-level keys: {', '.join(valid)}"
+    return f"{path}.{key} is not a valid key{hint}; valid keys of {path}: {', '.join(valid)}"
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of an instantiated node (data, model, each callback, logger, trainer) must be an argument of
+    its ``_target_`` — a ``+model.actvation=...`` override would otherwise end in a raw ``TypeError``."""
+    nodes = [(name, cfg.get(name)) for name in ("data", "model", "logger", "trainer")]
+    nodes += [(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items()]
+    for path, node in nodes:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        valid = _arguments(str(node._target_))
+        if valid is None:
+            continue
+        for key in node:
+            if not str(key).startswith("_") and key not in valid:
+                raise ConfigError(_unknown_key_message(path, str(key), valid))
+
+
+def _presets(config_dir: str) -> dict[str, str]:
+    """``callbacks.NAME`` -> the config group whose presets create it (from their ``# @package`` lines)."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for f in sorted(Path(config_dir).rglob("*.yaml")):
+        first = f.read_text().splitlines()[:1]
+        if first and first[0].startswith("# @package callbacks."):
+            out.setdefault(first[0].split()[-1], str(f.parent.relative_to(config_dir)))
+    return out
+
+
+def check_overrides(overrides: list[str], config_dir: str, config_name: str = "train") -> None:
+    """Compose the config with ``overrides`` as ``hydra.main`` would and turn Hydra's errors about unknown keys
+    into one that lists the valid keys, or names the preset that creates a missing ``callbacks.NAME``.
+
+    Raises:
+        ConfigError: an override names a key that does not exist.
+    """
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    single = []
+    for o in parsed:  # a sweep (-m a,b) is checked with its first value
+        value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+        single.append(f"{o.get_key_element()}={value}" if o.value() is not None else o.input_line)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            try:
+                compose(config_name=config_name, overrides=single)
+                return
+            except Exception as err:  # noqa: BLE001 - turned into a ConfigError below, or re-raised
+                m = re.search(r"Could not override '([^']+)'", str(err)) or re.search(r"Key '([^']+)' is not in struct", str(err))
+                if not m:
+                    raise
+                full = m.group(1)
+                groups = [o for o in single if "/" in o.split("=")[0] or "." not in o.split("=")[0]]
+                base = compose(config_name=config_name, overrides=[g for g in groups if not g.startswith(full)])
+    finally:
+        GlobalHydra.instance().clear()
+    parts = full.lstrip("+~").split(".")
+    node: Any = base
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, DictConfig) or part not in node:
+            where = ".".join(parts[: i + 1])
+            preset = _presets(config_dir).get(where)
+            if preset:
+                raise ConfigError(f"{full}: {where} does not exist until a preset of {preset} creates it; select one "
+                                  f"first, e.g. {preset}=... ({', '.join(_options(config_dir, preset))})")
+            valid = list(node) if isinstance(node, DictConfig) else []
+            raise ConfigError(_unknown_key_message(".".join(parts[:i]), part, [str(k) for k in valid]))
+        node = node[part]
+    valid = [str(k) for k in node if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
+    raise ConfigError(_unknown_key_message(".".join(parts[:-1]), parts[-1], valid))
+
+
+def _options(config_dir: str, group: str) -> list[str]:
+    from pathlib import Path
+
+    return sorted(f.stem for f in (Path(config_dir) / group).glob("*.yaml"))
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Instantiate data module, model (sized from the data) and Trainer (logger and callbacks) from ``cfg``."""
     from hydra.utils import instantiate
 
     validate_run_config(cfg)
+    check_keys(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
