@@ -28,7 +28,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 TABS = [
     ("tensorboard_heatmap.png", "#images&tagFilter=heatmap", (1400, 1000)),
     ("tensorboard_text.png", "#text&tagFilter=layers%7Cdecisions", (1400, 1000)),
-    ("tensorboard_hparams.png", "#hparams", (1400, 520)),
+    ("tensorboard_hparams.png", "#hparams", (1900, 420)),
     ("tensorboard_log10_norms.png", "#custom_scalars", (1400, 900)),
 ]
 

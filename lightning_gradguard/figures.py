@@ -68,17 +68,20 @@ def gradient_heatmap_figure(
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    cmap = colormaps["viridis"].with_extremes(bad="red")
+    # NaN/Inf red; exactly 0 (e.g. an update below float precision) black, outside the colour scale
+    cmap = colormaps["viridis"].with_extremes(bad="red", under="black")
     for k, (ax, (label, table)) in enumerate(zip(axes, panels)):
         data = _log10(table) if n else np.ma.masked_array(np.zeros((0, m)))
-        finite = data.compressed()
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 0.0)
+        values = data.compressed()
+        nonzero = values[values > LOG10_FLOOR]
+        zeros = bool((values <= LOG10_FLOOR).any())
+        vmin, vmax = (float(nonzero.min()), float(nonzero.max())) if nonzero.size else (-1.0, 0.0)
         if vmax - vmin < 1e-9:
             vmin, vmax = vmin - 0.5, vmax + 0.5
         im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax,
                        extent=(-0.5, m - 0.5, n - 0.5, -0.5))
-        cbar = fig.colorbar(im, ax=ax, fraction=0.08 if n <= 30 else 0.04, pad=0.02)
-        cbar.set_label(f"log10 {label}", fontsize=8)
+        cbar = fig.colorbar(im, ax=ax, fraction=0.08 if n <= 30 else 0.04, pad=0.02, extend="min" if zeros else "neither")
+        cbar.set_label(f"log10 {label}" + (" (black: 0)" if zeros else ""), fontsize=8)
         cbar.ax.tick_params(labelsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
@@ -89,7 +92,9 @@ def gradient_heatmap_figure(
             ax.set_yticks(range(n))
             ax.set_yticklabels(list(names), fontsize=_layer_font(n))
             ax.set_ylabel("layer (forward order)")
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, width=int(width * 13)), fontsize=9)
     fig.tight_layout()
     return fig
 

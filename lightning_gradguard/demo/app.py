@@ -108,7 +108,7 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "t
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
     single = []
     for o in parsed:  # a sweep (-m a,b) is checked with its first value
         value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
