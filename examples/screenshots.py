@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                   "trainer.log_every_n_steps=2", "callbacks.grad_monitor.figure_every_n_steps=20"]
         _train(logdir, "sigmoid20", common)
         _train(logdir, "sigmoid20_gradguard", [*common, "gradguard=auto"])
-        report = [sys.executable, "-m", "lightning_gradguard.report", "report", str(logdir / "sigmoid20"),
-                  "--png", str(out / "report_heatmap.png")]
-        subprocess.run(report, check=True, stdout=subprocess.DEVNULL)
+        report = [sys.executable, "-m", "lightning_gradguard.report", "report", "sigmoid20",
+                  "--png", str((out / "report_heatmap.png").resolve())]
+        subprocess.run(report, check=True, stdout=subprocess.DEVNULL, cwd=logdir)  # relative: a short title
         _shrink(out / "report_heatmap.png")
         port = _free_port()
         tb = shutil.which("tensorboard") or str(Path(sys.executable).parent / "tensorboard")

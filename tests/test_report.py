@@ -282,12 +282,14 @@ def test_tensorboard_server_shows_gradguard_sections(served):
         assert {"hparams/test_acc", "hparams/final_train_loss", "hparams/findings"} <= metric_tags
         groups = _post(f"{base}/plugin/hparams/session_groups", {
             "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-            "colParams": [{"hparam": "model.depth"}, {"metric": {"tag": "hparams/test_acc", "group": ""}}],
+            "colParams": [{"hparam": "model.depth"}, {"metric": {"tag": "hparams/test_acc", "group": ""}},
+                          {"metric": {"tag": "hparams/final_train_loss", "group": ""}}],
             "startIndex": 0, "sliceSize": 10})
         session = groups["sessionGroups"][0]
         assert session["hparams"]["model.depth"] == 3
-        acc = next(m["value"] for m in session["metricValues"] if m["name"]["tag"] == "hparams/test_acc")
-        assert 0.0 <= acc <= 1.0
+        values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
+        assert 0.0 <= values["hparams/test_acc"] <= 1.0
+        assert 0.0 < values["hparams/final_train_loss"] < 10.0  # read after fit, before test replaces the metrics
     finally:
         proc.terminate()
         proc.wait(timeout=30)

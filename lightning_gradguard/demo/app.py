@@ -234,14 +234,18 @@ def _findings(trainer: pl.Trainer) -> list[Any]:
     return []
 
 
-def final_metrics(trainer: pl.Trainer, test_acc: float, test_loss: float) -> dict[str, float]:
+def train_loss(trainer: pl.Trainer) -> float:
+    """The last epoch's training loss (read it after fit: ``trainer.test`` replaces the callback metrics)."""
+    value = trainer.callback_metrics.get("train/loss_epoch", trainer.callback_metrics.get("train/loss"))
+    return float(value) if value is not None else float("nan")
+
+
+def final_metrics(trainer: pl.Trainer, test_acc: float, test_loss: float, final_train_loss: float) -> dict[str, float]:
     """The HParams tab's metric columns: test accuracy/loss, the last epoch's training loss, finding counts."""
     from lightning_gradguard.health import REMEDY
 
     found = _findings(trainer)
-    train_loss = trainer.callback_metrics.get("train/loss_epoch", trainer.callback_metrics.get("train/loss"))
-    metrics = {"test_acc": test_acc, "test_loss": test_loss,
-               "final_train_loss": float(train_loss) if train_loss is not None else float("nan"),
+    metrics = {"test_acc": test_acc, "test_loss": test_loss, "final_train_loss": final_train_loss,
                "findings": float(len(found))}
     for kind in REMEDY:
         metrics[f"findings_{kind}"] = float(sum(f.kind == kind for f in found))
@@ -265,10 +269,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule._log_hyperparams = False
     log_markdown(trainer, "gradguard/run", run_description(overrides, params), step=0)
     trainer.fit(model, datamodule=datamodule)
+    final_train_loss = train_loss(trainer)
     results = trainer.test(model, datamodule=datamodule, verbose=False) if cfg.get("run_test", True) else [{}]
     test_acc = float(results[0].get("test/acc", float("nan")))
     test_loss = float(results[0].get("test/loss", float("nan")))
-    log_hparams(trainer, params, final_metrics(trainer, test_acc, test_loss))
+    log_hparams(trainer, params, final_metrics(trainer, test_acc, test_loss, final_train_loss))
     log_dir = trainer.logger.log_dir if trainer.logger is not None else None
     if trainer.is_global_zero:
         where = f"TensorBoard logs: {log_dir}" if log_dir else "no logger configured"
