@@ -144,7 +144,7 @@ def test_heatmap_of_a_deep_run_has_a_named_row_per_layer(tmp_path, depth):
     assert [t.get_text() for t in norm_ax.get_yticklabels()] == names  # every layer labelled, top = first
     img = figure_to_image(fig)
     assert img.shape[0] >= 9 * (depth + 1)  # rows of at least ~9 px: names stay readable
-    assert "log10 gradient L2 norm" in {a.get_ylabel() for a in fig.axes}  # the colour bar says what it shows
+    assert any(a.get_ylabel().startswith("log10 gradient L2 norm") for a in fig.axes)  # the colour bar says what
     # the same picture went to TensorBoard at the end of fit
     from tests.helpers import load_events
 
