@@ -24,6 +24,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from lightning_gradguard.graph import LayerInfo, find_layers
+
 Tensors = Sequence[torch.Tensor]
 NORM_TYPES = (2.0, "inf")
 
@@ -95,6 +97,14 @@ def adaptive_clip_(params: Iterable[torch.Tensor], clip_factor: float = 0.01, ep
         g_norm = unitwise_norm(g)
         clipped = g * (max_norm / g_norm.clamp(min=1e-6))
         g.copy_(torch.where(g_norm > max_norm, clipped, g))
+
+
+def agc_exempt_params(model: torch.nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> set[int]:
+    """``id``\ s of the parameters AGC leaves unclipped: the output layer's (the last weighted layer in forward
+    order), as NFNets do (Brock et al. 2021, §4.1). ``layers``: a :func:`~lightning_gradguard.graph.find_layers`
+    result already at hand."""
+    layers = find_layers(model) if layers is None else layers
+    return {id(p) for p in layers[-1].module.parameters()} if layers else set()
 
 
 class PercentileClipper:
