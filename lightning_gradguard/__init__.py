@@ -11,11 +11,13 @@ from lightning_gradguard.callbacks import (
     ActivationReplacement, BatchNormInsertion, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
 )
 from lightning_gradguard.clipping import (
-    PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
+    PercentileClipper, ZScoreClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
+    global_norm,
 )
 from lightning_gradguard.graph import LayerInfo, find_layers
 from lightning_gradguard.health import Finding, HealthDetector
 from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
+from lightning_gradguard.step_skip import SpikeDetector, StepSkipper
 from lightning_gradguard.stats import grad_statistics, layer_groups
 from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec
 
@@ -43,6 +45,9 @@ __all__ = [
     "adaptive_clip_",
     "global_norm",
     "PercentileClipper",
+    "ZScoreClipper",
+    "SpikeDetector",
+    "StepSkipper",
     "initialize",
     "variance_scaling_",
     "compute_fans",
