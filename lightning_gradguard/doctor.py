@@ -18,8 +18,8 @@ activation       saturated fraction > ``saturation_threshold`` (sigmoid/   same
                  ``dead_threshold`` (ReLU → ``dead_target``)
 activation+BN    both of the above are candidates                        same
 clipping         a recurrent layer, non-finite gradients, a gradient norm by rule; the algorithm
-                 > ``exploding_norm``, max/median norm over the probe      (percentile or AGC) by trial
-                 batches > ``spike_factor``, or a trial that diverged      (2 × ``trial_steps``)
+                 > ``exploding_norm``, max/median norm over the probe      (percentile, AGC or z-score) by
+                 batches > ``spike_factor``, or a trial that diverged      trial (2 × ``trial_steps``)
                  without clipping and trains with it
 ===============  ===========================================================================================
 
@@ -221,8 +221,11 @@ def trial(
 
 def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None]:
     """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**options)`` would
-    (defaults as GradGuard uses them: percentile with a warm-up at norm 1, AGC λ=0.01, norm 1, value 0.01)."""
-    from lightning_gradguard.clipping import PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_value_
+    (defaults as GradGuard uses them: percentile with a warm-up at norm 1, AGC λ=0.01, norm 1, value 0.01,
+    z-score with ZClip's defaults)."""
+    from lightning_gradguard.clipping import (
+        PercentileClipper, ZScoreClipper, adaptive_clip_, clip_by_norm_, clip_by_value_,
+    )
     from lightning_gradguard.graph import find_layers
 
     algorithm = options.get("algorithm", "percentile")
@@ -230,6 +233,9 @@ def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None
     if algorithm == "percentile":
         clipper = PercentileClipper(warmup_threshold=1.0)
         return lambda: clipper.clip_(params) and None
+    if algorithm == "zscore":
+        zclip = ZScoreClipper()
+        return lambda: zclip.clip_(params) and None
     if algorithm == "agc":
         layers = find_layers(model)
         skip = {id(p) for p in layers[-1].module.parameters()} if layers else set()

@@ -4,6 +4,7 @@ bit-exact for weights and optimizer state, device-side decisions, and resume fro
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -375,3 +376,44 @@ def test_hydra_preset_zscore(compose_cfg):
     assert isinstance(callback, GradientClipping) and callback.algorithm == "zscore"
     assert (callback.z_thresh, callback.warmup_steps, callback.clip_option, callback.skip_spikes) == (
         2.5, 25, "adaptive_scaling", "loss")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_zscore_spike_skipping_and_restore_never_sync_on_gpu():  # pragma: no cover - runs where a GPU is
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1)).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
+    clipper, detector, skipper = ZScoreClipper(warmup_steps=3), SpikeDetector(window=8), StepSkipper()  # auto: restore
+    skipper.attach(opt)
+    x = torch.randn(16, 32, device="cuda")
+    net(x).pow(2).mean().backward()
+    opt.step()  # the first step creates the momentum buffers
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for step in range(12):
+            net.zero_grad(set_to_none=False)
+            (net(x).pow(2).mean() * (1 + 100 * (step == 10))).backward()
+            norm, _ = clipper.clip_(list(net.parameters()))
+            skipper.request(detector.update(norm))
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(skipper.skipped) == 1
+
+
+def test_gradguard_tries_zscore_next_to_autoclip_and_agc_and_keeps_the_best(tmp_path):
+    from lightning_gradguard import GradGuard
+    from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
+
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False, trial_steps=8, init="off", batchnorm="off", activation="off")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[gg])
+    bad = DeepMLP(input_shape=[16], num_classes=4, depth=8, width=64, init_std=1.0)  # N(0, 1): norms explode
+    trainer.fit(bad, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    row = next(d for d in gg.decisions if d.remedy == "clipping")
+    scores = dict(re.findall(r"(percentile|agc|zscore) (\S+?)(?:,|$)", row.measurement.split("trial loss ")[-1]))
+    assert set(scores) == {"percentile", "agc", "zscore"}, row.measurement
+    best = min(scores, key=lambda k: float(scores[k]) if scores[k] != "diverged" else float("inf"))
+    assert gg.remedies["clipping"]["algorithm"] == best == row.options["algorithm"]
+    assert gg.subs["clipping"].algorithm == best
+    assert best == "zscore", row.measurement  # on this exploding net z-score clipping wins its trial and is kept

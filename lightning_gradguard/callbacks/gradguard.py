@@ -91,7 +91,8 @@ class GradGuard(Callback):
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
-        clip_algorithm: ``percentile`` (AutoClip, default), ``norm``, ``value`` or ``agc``.
+        clip_algorithm: ``percentile`` (AutoClip, default: then AutoClip, AGC and z-score clipping are tried
+            and the best kept), ``norm``, ``value``, ``agc`` or ``zscore`` (ZClip).
         flow_threshold, saturation_threshold, dead_threshold, spike_factor, exploding_norm, margin: rule thresholds.
         probe_batches, trial_steps, budget_seconds: the budget.
         seed: seed of the trials and of the applied init; default: Lightning's ``seed_everything`` seed
@@ -114,7 +115,7 @@ class GradGuard(Callback):
         architecture_changes: bool = True,
         saturating_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "elu",
         dead_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "leaky_relu",
-        clip_algorithm: Literal["percentile", "norm", "value", "agc"] = "percentile",
+        clip_algorithm: Literal["percentile", "norm", "value", "agc", "zscore"] = "percentile",
         flow_threshold: float = 1e-3,
         saturation_threshold: float = 0.3,
         dead_threshold: float = 0.3,
@@ -134,7 +135,7 @@ class GradGuard(Callback):
         self.architecture_changes = check_bool(owner, "architecture_changes", architecture_changes)
         self.saturating_target = check_choice(owner, "saturating_target", saturating_target, TARGETS)
         self.dead_target = check_choice(owner, "dead_target", dead_target, TARGETS)
-        self.clip_algorithm = check_choice(owner, "clip_algorithm", clip_algorithm, ("percentile", "norm", "value", "agc"))
+        self.clip_algorithm = check_choice(owner, "clip_algorithm", clip_algorithm, ("percentile", "norm", "value", "agc", "zscore"))
         self.flow_threshold = check_number(owner, "flow_threshold", flow_threshold, min_value=0.0, max_value=1.0, min_inclusive=False)
         self.saturation_threshold = check_number(owner, "saturation_threshold", saturation_threshold, min_value=0.0, max_value=1.0)
         self.dead_threshold = check_number(owner, "dead_threshold", dead_threshold, min_value=0.0, max_value=1.0)
@@ -329,9 +330,10 @@ class GradGuard(Callback):
                 if picked and self.architecture_changes:
                     best[name] = chosen.get(name) or (bn_opts if name == "batchnorm" else {"mapping": mapping})
             if clip_on and self.modes["clipping"] == "auto" and self.clip_algorithm == "percentile" and spent() <= self.budget_seconds:
-                # which adaptive clipping suits this model, AutoClip or unit-wise AGC, by trial; these trials
-                # run twice as long, since AutoClip spends its first 10 steps warming up its history
-                for algo in ("percentile", "agc"):
+                # which adaptive clipping suits this model, AutoClip, unit-wise AGC or z-score (ZClip), by trial;
+                # these trials run twice as long, since AutoClip and ZClip warm up first (10 and 25 steps, the
+                # latter clipping at norm 1 meanwhile)
+                for algo in ("percentile", "agc", "zscore"):
                     clip_scores[algo] = raw_trial({**best, "clipping": {"algorithm": algo}}, 2 * self.trial_steps)
                 pick = min(clip_scores, key=lambda k: clip_scores[k])
                 common["clipping"] = {"algorithm": pick}
