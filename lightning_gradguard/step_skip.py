@@ -2,8 +2,9 @@
 
 - :class:`SpikeDetector`: is this step's value (loss or global gradient norm) more than ``sigma`` standard
   deviations above the mean of the previous ``window`` values? OLMo-core's ``SkipStepOptimizer`` rule
-  (defaults 6 σ over 128 steps, active once ``window // 2`` values are recorded), kept in a ring buffer on the
-  device; the answer is a bool tensor, never read on the host.
+  (defaults 6 σ over 128 steps, active once ``window // 2`` values are recorded; a spike enters the window
+  as the threshold it crossed, see the class), kept in a ring buffer on the device; the answer is a bool
+  tensor, never read on the host.
 - :class:`StepSkipper`: makes an optimizer step a no-op for the weights *and* the optimizer state (momentum
   buffers, Adam moments, step counts) when a bool tensor, requested before the step, is true. Works for any
   ``torch.optim.Optimizer`` by wrapping its ``step``; used by ``GradientClipping`` for spike skipping and for
@@ -64,8 +65,12 @@ class SpikeDetector:
     included) have been recorded; OLMo-core's ``max(2, window // 2)`` becomes ``max(3, window // 2)`` here so
     the standard deviation always has two values.
 
-    Every finite value is recorded, spikes included (as OLMo-core does); a non-finite value is never
-    recorded and never called a spike (the caller's non-finite policy handles it).
+    Every finite value is recorded; a spike is recorded as the threshold it crossed (``mean + sigma·std``),
+    where OLMo-core records it as it is. On purpose: a raw ×1000 spike in the window makes the standard
+    deviation tens of times the mean for the next ``window`` steps, and the next spike passes unseen
+    (``benchmarks/clipping_spikes.py`` showed exactly that); recording the threshold still lets a genuine
+    level shift raise the baseline step by step, so training is never locked out. A non-finite value is
+    never recorded and never called a spike (the caller's non-finite policy handles it).
 
     Example:
         >>> det = SpikeDetector(sigma=3.0, window=8, min_samples=4)
@@ -102,9 +107,10 @@ class SpikeDetector:
         mean = torch.where(valid, self.history, 0.0).sum() / nf.clamp(min=1)
         var = torch.where(valid, (self.history - mean) ** 2, 0.0).sum() / (nf - 1).clamp(min=1)
         active = (self.count + 1 >= self.min_samples) & finite
-        spike = active & (x - mean > self.sigma * var.sqrt())
+        limit = mean + self.sigma * var.sqrt()
+        spike = active & (x > limit)
         slot = self.count % self.window
-        self.history[slot] = torch.where(finite, x, self.history[slot])
+        self.history[slot] = torch.where(finite, torch.where(spike, limit, x), self.history[slot])
         self.count = self.count + finite.long()
         return spike
 

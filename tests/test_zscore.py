@@ -294,7 +294,9 @@ def test_spike_detector_follows_olmo_core_rule():
     assert not bool(det.update(torch.tensor(50.0)))  # 63rd value: not active yet
     prev = torch.cat([values[:62], torch.tensor([50.0])])
     std, mean = torch.std_mean(prev.double())
-    assert bool(det.update(mean + 6.01 * std)) and not bool(det.update(torch.tensor(float(prev.mean()))))
+    assert bool(det.update(mean + 6.01 * std))
+    assert float(det.history[63]) == pytest.approx(float(mean + 6 * std), rel=1e-12)  # recorded at the threshold
+    assert not bool(det.update(torch.tensor(float(prev.mean()))))
     assert not bool(det.update(torch.tensor(float("inf"))))  # non-finite: never a spike, never recorded
     assert int(det.count) == 65
 
