@@ -419,3 +419,17 @@ def test_gradguard_tries_zscore_next_to_autoclip_and_agc_and_keeps_the_best(tmp_
     assert gg.remedies["clipping"]["algorithm"] == best == row.options["algorithm"]
     assert gg.subs["clipping"].algorithm == best
     assert best == "zscore", row.measurement  # on this exploding net z-score clipping wins its trial and is kept
+
+
+def test_lightning_cli_builds_zscore_with_skipping(tmp_path):
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
+
+    cli = LightningCLI(DeepMLP, SyntheticDataModule, run=False, args=[
+        "--trainer.callbacks+=lightning_gradguard.GradientClipping", "--trainer.callbacks.algorithm=zscore",
+        "--trainer.callbacks.skip_spikes=loss", "--trainer.callbacks.threshold=null",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientClipping)]
+    assert (cb.algorithm, cb.skip_spikes, cb.threshold) == ("zscore", "loss", None)
