@@ -433,3 +433,10 @@ def test_lightning_cli_builds_zscore_with_skipping(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientClipping)]
     assert (cb.algorithm, cb.skip_spikes, cb.threshold) == ("zscore", "loss", None)
+
+
+def test_step_skip_core_imports_without_lightning():
+    from tests.test_architecture import _modules_after
+
+    loaded = _modules_after("import lightning_gradguard.step_skip, lightning_gradguard.clipping")
+    assert "lightning_gradguard.step_skip" in loaded and "lightning" not in loaded
