@@ -170,8 +170,9 @@ class ZScoreClipper:
     def clip_(
         self, params: Iterable[torch.Tensor], total_norm: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ZClip step on ``params``' gradients; return (norm before, the norm clipped to: ``inf`` when no
-        cap applied). ``total_norm``: the global norm if already computed (e.g. all-reduced)."""
+        """One ZClip step on ``params``' gradients; return (norm before, ZClip's effective clip value:
+        ``min(spike target or the norm, max_grad_norm)``; during warm-up ``max_grad_norm``; ``inf`` where
+        none applies). ``total_norm``: the global norm if already computed (e.g. all-reduced)."""
         params = list(params)
         total = global_norm(params) if total_norm is None else total_norm
         self._to(total.device)

@@ -76,8 +76,8 @@ class GradientClipping(Callback):
             as ``gradguard/clip/amp_overflow_steps`` and not warned about.
 
     Logs (through ``pl_module.log``, so every logger gets them) under ``gradguard/clip/``: ``norm_before``,
-    ``norm_after``, ``threshold`` (value/norm/percentile/zscore; for zscore the norm clipped to, ``inf`` when
-    no clipping applied), ``clipped_fraction`` (steps clipped so far / steps), ``nonfinite_steps``, and
+    ``norm_after``, ``threshold`` (value/norm/percentile/zscore; for zscore ZClip's effective clip value,
+    ``min(spike target or the norm, threshold)``), ``clipped_fraction`` (steps clipped so far / steps), ``nonfinite_steps``, and
     ``skipped_steps`` (whole optimizer steps skipped so far) when skipping is on.
 
     Raises:
