@@ -234,7 +234,7 @@ class _Snapshot:
     @torch.no_grad()
     def restore_where(self, flag: torch.Tensor) -> None:
         for p, old in zip(self.params, self.param_copies):
-            p.copy_(torch.where(flag.to(p.device) if p.device != flag.device else flag, old, p))
+            torch.where(flag.to(p.device) if p.device != flag.device else flag, old, p, out=p)  # in place
         host_flag: Optional[bool] = None
         for p in self.params:
             old_state, new_state = self.states[p], self.optimizer.state.get(p)
@@ -242,7 +242,7 @@ class _Snapshot:
             if same_keys and all(_on_device(new_state[k], flag.device) and _on_device(v, flag.device)
                                  for k, v in old_state.items()):
                 for k, v in old_state.items():
-                    new_state[k].copy_(torch.where(flag, v, new_state[k]))
+                    torch.where(flag, v, new_state[k], out=new_state[k])
                 continue
             if host_flag is None:
                 host_flag = bool(flag)  # one read: state on another device, non-tensor state, or new state
