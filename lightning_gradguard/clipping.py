@@ -28,6 +28,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from lightning_gradguard.graph import LayerInfo, find_layers
+
 Tensors = Sequence[torch.Tensor]
 NORM_TYPES = (2.0, "inf")
 
@@ -233,6 +235,14 @@ class ZScoreClipper:
         self.var = state["var"].to(device, dtype)
         self.buffer = state["buffer"].to(device, dtype)
         self.count = torch.tensor(int(state["count"]), device=device)
+
+
+def agc_exempt_params(model: torch.nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> set[int]:
+    """``id``\ s of the parameters AGC leaves unclipped: the output layer's (the last weighted layer in forward
+    order), as NFNets do (Brock et al. 2021, §4.1). ``layers``: a :func:`~lightning_gradguard.graph.find_layers`
+    result already at hand."""
+    layers = find_layers(model) if layers is None else layers
+    return {id(p) for p in layers[-1].module.parameters()} if layers else set()
 
 
 class PercentileClipper:
