@@ -432,6 +432,7 @@ class GradGuard(Callback):
                 getattr(sub, hook)(*args, **kwargs)
 
     on_train_batch_start = _forwarded("on_train_batch_start")
+    on_before_backward = _forwarded("on_before_backward")  # clipping's loss-spike detector reads the loss
     on_before_optimizer_step = _forwarded("on_before_optimizer_step")
     on_train_batch_end = _forwarded("on_train_batch_end")
     on_save_checkpoint = _forwarded("on_save_checkpoint")
