@@ -120,7 +120,7 @@ def test_script_bad_override_exits_with_message_not_traceback(tmp_path):
     (["model.actvation=sigmoid"], "model.actvation is not a valid key (did you mean 'activation'?); valid keys of model: depth, width, activation"),
     (["-m", "model.actvation=relu,tanh"], "valid keys of model: depth"),
     (["callbacks.grad_clip.threshold=0.5"], "callbacks.grad_clip does not exist until a preset of gradguard/clip creates it; "
-                                            "select one first, e.g. gradguard/clip=... (agc, norm, percentile, value)"),
+                                            "select one first, e.g. gradguard/clip=... (agc, norm, percentile, value, zscore)"),
     (["gradguard/clip=norm", "callbacks.grad_clip.max_nrom=1"], "valid keys of callbacks.grad_clip: algorithm, threshold"),
     (["modl.depth=3"], "modl is not a valid key (did you mean 'model'?); valid top-level keys: data, model"),
 ])

@@ -53,7 +53,7 @@ def test_readme_blocks_are_the_scripts_output():
     sys.path.insert(0, str(ROOT))
     from benchmarks._readme import read_block
 
-    for name in ("zoo", "monitor-overhead", "demo-quickstart", "demo-overrides", "demo-init", "demo-surgery",
+    for name in ("zoo", "monitor-overhead", "clipping_spikes", "demo-quickstart", "demo-overrides", "demo-init", "demo-surgery",
                  "demo-clipping"):
         assert read_block(name).strip(), name
 
