@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
+from lightning_gradguard.distributed import any_dtensor, check_strategy, local
 from lightning_gradguard.clipping import (
     PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
 )
@@ -24,7 +25,7 @@ def first_nonfinite_parameter(pl_module: torch.nn.Module, params: list[torch.Ten
     """Name of the first parameter (in registration order) whose gradient holds NaN/Inf (syncs; error path)."""
     wanted = {id(p) for p in params}
     for name, p in pl_module.named_parameters():
-        if id(p) in wanted and p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        if id(p) in wanted and p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
             return name
     return None
 
@@ -116,6 +117,7 @@ class GradientClipping(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
             raise MisconfigurationException(
                 f"GradientClipping({self.algorithm!r}) and Trainer(gradient_clip_val={trainer.gradient_clip_val}) "
@@ -191,7 +193,8 @@ class GradientClipping(Callback):
         """(go on clipping?, the norm to use): a non-finite step under warn is left alone; under skip its
         gradients are zeroed and its norm reads 0, so the clipping that follows leaves them at zero."""
         finite = torch.isfinite(norm)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sharded = any_dtensor([p.grad for p in params])  # then the norm is already global, equal on all ranks
+        if not sharded and trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # every rank must take the same decision (a gradient changed after DDP's all-reduce may differ);
             # an on-device all-reduce, on every rank, before any rank-dependent branch
             flag = (~finite).float()
@@ -205,7 +208,7 @@ class GradientClipping(Callback):
         if self.on_nonfinite == "skip":
             self._nonfinite += (~finite).long()
             for p in params:  # zero the step's gradients without reading the flag on the host
-                p.grad.mul_(finite.to(p.grad.dtype)).nan_to_num_(0.0, 0.0, 0.0)
+                local(p.grad).mul_(finite.to(p.grad.dtype)).nan_to_num_(0.0, 0.0, 0.0)
             return True, torch.where(finite, norm, torch.zeros_like(norm))
         if bool(finite):  # one flag crosses to the host per step for warn/raise
             return True, norm

@@ -16,9 +16,10 @@ from lightning_gradguard._validation import check_bool, check_choice, check_numb
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
-    to_host, unit_dim_for, update_ratios, weight_norms,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
+    to_host, unit_dim_for, update_ratios_from, update_sq, weight_sq,
 )
+from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
 
 
 
@@ -48,6 +49,13 @@ class GradientMonitor(Callback):
     everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
     unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
     before ``GradientClipping`` in the callback list to see the gradients before clipping.
+
+    Several processes: scalars are written once, by global rank 0. Under FSDP2 (``ModelParallelStrategy``,
+    ``DTensor`` shards) the gradient, weight and update statistics are those of the full (unsharded)
+    tensors: each rank reduces its shards and one collective per logging step combines them (sums of
+    squares, sums, counts, maxima). Under DDP the gradients are already identical on all ranks. Activation
+    statistics and histograms are rank 0's own: its micro-batch (1/world_size of the global batch) and,
+    under FSDP2, its shard of each tensor.
 
     Args:
         log_every_n_steps: logging cadence in optimizer steps; ``None`` = ``Trainer(log_every_n_steps)``.
@@ -130,6 +138,7 @@ class GradientMonitor(Callback):
         self._nf_reported = False
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
+        self._sharded = False
 
     @property
     def state_key(self) -> str:
@@ -141,8 +150,10 @@ class GradientMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use GradientMonitor with a Trainer that has no logger: pass logger=TensorBoardLogger(...)"
             )
+        check_strategy(trainer.strategy, type(self).__name__)
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self.groups = layer_groups(pl_module, self.per_parameter)
+        self._sharded = any_dtensor(list(pl_module.parameters()))
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
@@ -247,7 +258,8 @@ class GradientMonitor(Callback):
         if not self._logging or not mine:
             return
         sub = [self.groups[i] for i in mine]
-        table = grad_statistics(sub)
+        sums, maxes = grad_moments(sub)  # this rank's parts; ranks are combined at the end of the step
+        table = torch.cat([sums, maxes[:, None]], dim=1)
         for row, gi in enumerate(mine):
             self._grad[gi] = table[row]
         before = snapshot(sub)
@@ -268,7 +280,7 @@ class GradientMonitor(Callback):
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
             self._nf_params = torch.zeros(len(key), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)))
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([local(g) for g, _ in pairs], 2)))
         first = bad.any() & ~self._nf_seen
         self._nf_params = torch.where(first, bad, self._nf_params)
         self._nf_step = torch.where(first, step, self._nf_step)
@@ -295,15 +307,29 @@ class GradientMonitor(Callback):
         idx = sorted(self._grad)
         sub = [self.groups[i] for i in idx]
         dev = self._grad[idx[0]].device
-        grad = torch.stack([self._grad[i] for i in idx]).to(dev)
-        wnorm = weight_norms(sub).to(dev)
+        raw = torch.stack([self._grad[i] for i in idx]).to(dev)  # (layers, 5 sums + max)
+        wsq = weight_sq(sub).to(dev)
         before = [t for i in idx for t in self._before[i]]
-        ratio = update_ratios(sub, before).to(dev)
+        usq = update_sq(sub, before).to(dev)
+        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
+        nf_max: list[torch.Tensor] = []
+        if self._nf_seen is not None and self._nf_step is not None:  # first NaN step over ranks: max of -step
+            nf_max = [self._nf_seen.float().reshape(1),
+                      torch.where(self._nf_seen, -self._nf_step.float(), torch.full((), -1e18, device=dev)).reshape(1)]
+        n = len(idx)
+        # under FSDP2 every rank holds shards: one collective combines sums and maxima of all of them
+        sums, maxes = reduce_sum_max(
+            torch.cat([raw[:, :5].flatten(), wsq, usq.flatten()]),
+            torch.cat([raw[:, 5], *[t.to(dev) for t in nf_max], nf_layers.to(dev)]), enabled=self._sharded,
+        )
+        grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
+        wnorm = sums[5 * n : 6 * n].sqrt()
+        ratio = update_ratios_from(sums[6 * n :].view(2, n))
         self._reduce_activations()
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
-        nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
-        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
+        nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
+        nf_layers = maxes[n + len(nf_max) :]
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
         if self._is_hist_step(step):
@@ -312,9 +338,9 @@ class GradientMonitor(Callback):
                     suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
                     if p.grad is not None:
                         hist_tags.append(f"hist_grad/{suffix}")
-                        hists.append(histogram(p.grad, self.histogram_bins))
+                        hists.append(histogram(local(p.grad), self.histogram_bins))
                     hist_tags.append(f"hist_weight/{suffix}")
-                    hists.append(histogram(p, self.histogram_bins))
+                    hists.append(histogram(local(p), self.histogram_bins))
             for i, h in self._act_hists.items():
                 hist_tags.append(f"hist_act/{self.groups[i].name}")
                 hists.append(h)

@@ -13,6 +13,7 @@ from lightning_gradguard.callbacks._common import (
     resume_checkpoint_path, run_when_model_exists, sample_batch_provider,
 )
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
+from lightning_gradguard.distributed import check_strategy
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
     initialize,
@@ -103,6 +104,7 @@ class WeightInitialization(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" or getattr(pl_module, _DONE_ATTR, False):
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         run_surgery_first(trainer, pl_module, stage)  # init must see the final layers and activations
         self.resumed_from = resume_checkpoint_path(trainer)
         if self.resumed_from:  # a trained model is never re-initialized

@@ -1,0 +1,134 @@
+"""Run by test_fsdp.py: one short fit per clipping algorithm, under FSDP2 (Lightning's ModelParallelStrategy,
+2 CPU processes, gloo) or in one process on the same global batches; each rank writes what it saw to
+OUT/rank{R}.json (full weights after setup and after the fit, event-file directories, collective checks).
+
+    python tests/integration/fsdp_fit.py OUT {fsdp|single}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_gradguard import ActivationReplacement, GradientClipping, GradientMonitor, WeightInitialization
+from lightning_gradguard import distributed
+from lightning_gradguard.callbacks.gradient_clipping import ALGORITHMS
+
+GLOBAL_BATCH = 32
+STEPS = 5
+CLIP_ARGS = {  # thresholds that really clip this model's gradients within 5 steps
+    "value": dict(threshold=0.05), "norm": dict(threshold=1.0), "agc": dict(threshold=0.02, agc_clip_output_layer=True),
+    "percentile": dict(percentile=50.0, warmup_steps=2, warmup_threshold=1.0),
+}
+
+
+def make_net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 6))
+
+
+class Model(pl.LightningModule):
+    """Layers built in ``__init__`` (init and surgery run before ``fully_shard``) or, with ``build_late``,
+    in ``configure_model`` together with the sharding (init runs on the DTensor shards)."""
+
+    def __init__(self, build_late: bool = False):
+        super().__init__()
+        self.net = None if build_late else make_net()
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = make_net()
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y) * 20  # large gradients: clipping really clips
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 16, generator=g)
+        y = torch.randint(0, 6, (256,), generator=g)
+        ws, rank = self.trainer.world_size, self.trainer.global_rank
+        data = TensorDataset(x, y)
+        # rank r takes samples r, r+2, ...: step k of the two ranks together sees one process's step-k batch
+        sampler = DistributedSampler(data, num_replicas=ws, rank=rank, shuffle=False) if ws > 1 else None
+        return DataLoader(data, batch_size=GLOBAL_BATCH // ws, shuffle=False, sampler=sampler)
+
+
+def full_state(module: nn.Module) -> dict[str, list]:
+    """Every parameter as a full tensor (DTensor shards gathered: a collective on every rank)."""
+    return {k: distributed.full_tensor(v.detach()).tolist() for k, v in module.state_dict().items()}
+
+
+class Report(pl.Callback):
+    def __init__(self):
+        self.data: dict = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.data["after_setup"] = full_state(pl_module)
+        self.data["dtensor"] = distributed.any_dtensor(list(pl_module.parameters()))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.data["final"] = full_state(pl_module)
+        self.data["log_dir"] = trainer.logger.log_dir if trainer.is_global_zero else None
+
+
+def fit(out: Path, mode: str, algorithm: str, build_late: bool, surgery: bool) -> dict:
+    pl.seed_everything(0, verbose=False)
+    report = Report()
+    callbacks = [WeightInitialization("auto", seed=0, verbose=False), GradientMonitor(log_every_n_steps=1, warn=False),
+                 GradientClipping(algorithm, on_nonfinite="skip", **CLIP_ARGS.get(algorithm, {})), report]
+    if surgery:
+        callbacks.insert(0, ActivationReplacement({"tanh": "elu"}, verbose=False))
+    kwargs = (dict(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2,
+                   use_distributed_sampler=False) if mode == "fsdp" else dict(devices=1))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=STEPS, logger=TensorBoardLogger(out, name=algorithm), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+        **kwargs,
+    )
+    trainer.fit(Model(build_late=build_late))
+    report.data["rank"] = trainer.global_rank
+    return report.data
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for k, algorithm in enumerate(ALGORITHMS):
+        # the first run builds its layers inside configure_model (init after fully_shard); the second
+        # replaces activations (surgery before fully_shard); the others init before fully_shard
+        runs[algorithm] = fit(out, mode, algorithm, build_late=k == 0, surgery=k == 1)
+    rank = runs[ALGORITHMS[0]]["rank"]
+    # the shared collectives, once the process group exists: rank 0's decision reaches every rank; sums and
+    # maxima of every rank in one gather
+    decision = distributed.broadcast_object({"remedies": ["init", "clip"], "from": rank})
+    sums, maxes = distributed.reduce_sum_max(torch.tensor([1.0, float(rank)]), torch.tensor([float(rank)]))
+    result = {"rank": rank, "runs": runs, "decision": decision, "sums": sums.tolist(), "maxes": maxes.tolist(),
+              "multi": distributed.is_multi_process()}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
