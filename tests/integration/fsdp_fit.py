@@ -40,9 +40,20 @@ class Model(pl.LightningModule):
     """Layers built in ``__init__`` (init and surgery run before ``fully_shard``) or, with ``build_late``,
     in ``configure_model`` together with the sharding (init runs on the DTensor shards)."""
 
-    def __init__(self, build_late: bool = False):
+    def __init__(self, build_late: bool = False, inject_nan: bool = False):
         super().__init__()
         self.net = None if build_late else make_net()
+        self.inject_nan = inject_nan
+
+    def on_after_backward(self):
+        if not self.inject_nan or self.global_step != 2:
+            return
+        grad = self.net[-1].weight.grad  # (6, 32): under FSDP2 rank 0 holds rows 0-2, rank 1 rows 3-5
+        if distributed.is_dtensor(grad):
+            if self.global_rank == 1:
+                distributed.local(grad)[2, 0] = float("nan")  # row 5, on rank 1 only
+        else:
+            grad[5, 0] = float("nan")
 
     def configure_model(self):
         if self.net is None:
@@ -92,7 +103,7 @@ class Report(pl.Callback):
         self.data["log_dir"] = trainer.logger.log_dir if trainer.is_global_zero else None
 
 
-def fit(out: Path, mode: str, algorithm: str, build_late: bool, surgery: bool) -> dict:
+def fit(out: Path, mode: str, algorithm: str, build_late: bool, surgery: bool, inject_nan: bool) -> dict:
     pl.seed_everything(0, verbose=False)
     report = Report()
     callbacks = [WeightInitialization("auto", seed=0, verbose=False), GradientMonitor(log_every_n_steps=1, warn=False),
@@ -106,7 +117,7 @@ def fit(out: Path, mode: str, algorithm: str, build_late: bool, surgery: bool) -
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
         **kwargs,
     )
-    trainer.fit(Model(build_late=build_late))
+    trainer.fit(Model(build_late=build_late, inject_nan=inject_nan))
     report.data["rank"] = trainer.global_rank
     return report.data
 
@@ -118,8 +129,9 @@ def main() -> None:
     runs = {}
     for k, algorithm in enumerate(ALGORITHMS):
         # the first run builds its layers inside configure_model (init after fully_shard); the second
-        # replaces activations (surgery before fully_shard); the others init before fully_shard
-        runs[algorithm] = fit(out, mode, algorithm, build_late=k == 0, surgery=k == 1)
+        # replaces activations (surgery before fully_shard); the others init before fully_shard. The third
+        # puts a NaN into one gradient element at step 2, on rank 1's shard only: every rank must skip it
+        runs[algorithm] = fit(out, mode, algorithm, build_late=k == 0, surgery=k == 1, inject_nan=k == 2)
     rank = runs[ALGORITHMS[0]]["rank"]
     # the shared collectives, once the process group exists: rank 0's decision reaches every rank; sums and
     # maxima of every rank in one gather

@@ -46,6 +46,8 @@ def _max_diff(a, b) -> float:
         if not isinstance(b, list) or len(a) != len(b):
             return float("inf")
         return max((_max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if a != a and b != b:
+        return 0.0  # NaN in both (the step with an injected NaN gradient)
     return abs(a - b) / max(1.0, abs(a), abs(b))
 
 
@@ -77,6 +79,20 @@ def test_weights_after_five_steps_match_one_process(runs, algorithm):
     before = [e.value for e in ev.Scalars("gradguard/clip/norm_before")]
     after = [e.value for e in ev.Scalars("gradguard/clip/norm_after")]
     assert len(before) == 5 and any(y < x * 0.99 for x, y in zip(before, after)), (before, after)  # it clipped
+    skipped = [e.value for e in ev.Scalars("gradguard/clip/nonfinite_steps")][-1]
+    assert skipped == (1.0 if algorithm == ALGORITHMS[2] else 0.0)  # the NaN on rank 1's shard: skipped by all
+
+
+def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs):
+    """A NaN in one element of rank 1's shard: the global norm is NaN on both ranks, both skip the step, and the
+    weights still equal one process's, which skipped the same step."""
+    _, (r0, r1), single = runs
+    run = ALGORITHMS[2]
+    assert r0["runs"][run]["final"] == r1["runs"][run]["final"]
+    assert _max_diff(r0["runs"][run]["final"], single["runs"][run]["final"]) <= TOL
+    ev = load_events(r0["runs"][run]["log_dir"])
+    assert [e.value != e.value for e in ev.Scalars("grad_norm/net.4")] == [False, False, True, False, False]
+    assert [e.value for e in ev.Scalars("grad_nonfinite/net.4")] == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
