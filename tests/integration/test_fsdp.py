@@ -147,3 +147,26 @@ def test_callbacks_refuse_an_unsupported_strategy_at_fit(tmp_path, callback):
                          enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(RuntimeError, match=f"{type(callback).__name__} does not support strategy FSDPStrategy"):
         trainer.fit(Model())
+
+
+def test_surgery_refuses_a_model_built_and_sharded_in_configure_model(tmp_path, monkeypatch):
+    """One-process FSDP2 (a 1-rank gloo group, in this process): the layers built and sharded in
+    configure_model already hold DTensors when the surgery would run, and the error says how to order it."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_gradguard import BatchNormInsertion
+    from tests.integration.fsdp_fit import Model
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+        monkeypatch.delenv(key)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(1, 1), max_steps=1,
+                         callbacks=[BatchNormInsertion(verbose=False)], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    try:
+        with pytest.raises(RuntimeError, match="BatchNormInsertion: the model is already sharded.*Build the layers in __init__"):
+            trainer.fit(Model(build_late=True))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
