@@ -13,6 +13,7 @@ from lightning_gradguard.callbacks import (
 from lightning_gradguard.clipping import (
     PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
 )
+from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
 from lightning_gradguard.graph import LayerInfo, find_layers
 from lightning_gradguard.health import Finding, HealthDetector
 from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
@@ -49,4 +50,7 @@ __all__ = [
     "InitRecord",
     "find_layers",
     "LayerInfo",
+    "broadcast_object",
+    "reduce_sum_max",
+    "check_strategy",
 ]
