@@ -114,12 +114,13 @@ def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
     return grad_statistics_from(sums, maxes)
 
 
-def grad_moments(groups: Sequence[LayerGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_moments(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The additive parts of :func:`grad_statistics` from this rank's gradients (local ``DTensor`` shards):
     ``sums`` ``(len(groups), 5)`` (sum of squares, sum, zeros, non-finite, count) and ``maxes``
     ``(len(groups),)`` (max |g|). Ranks combine them with
     :func:`~lightning_gradguard.distributed.reduce_sum_max`; replicas count once
-    (:func:`~lightning_gradguard.distributed.count_weights`). Finish with :func:`grad_statistics_from`."""
+    (:func:`~lightning_gradguard.distributed.count_weights`) when ``sharded`` (default: any gradient is a
+    ``DTensor``; pass the caller's decision to reduce). Finish with :func:`grad_statistics_from`."""
     params, index = _flat(groups)
     have = [(p.grad, i) for p, i in zip(params, index) if p.grad is not None]
     if not have:
@@ -135,7 +136,7 @@ def grad_moments(groups: Sequence[LayerGroup]) -> tuple[torch.Tensor, torch.Tens
     zeros = numel - torch.stack([torch.count_nonzero(g) for g in grads]).float()
     nonfinite = numel - torch.stack([torch.isfinite(g).sum() for g in grads]).float()
     per = torch.stack([sq, sums, zeros, nonfinite, numel], dim=1)
-    if distributed.any_dtensor(full):
+    if distributed.any_dtensor(full) if sharded is None else sharded:
         per = per * distributed.count_weights(full, dev)[:, None]
     agg = torch.zeros(len(groups), per.shape[1], device=dev).index_add_(0, idx, per)
     gmax = torch.zeros(len(groups), device=dev).scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
@@ -150,22 +151,24 @@ def grad_statistics_from(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tenso
     return torch.stack([sums[:, 0].sqrt(), mean, var.sqrt(), maxes, sums[:, 2] / n, sums[:, 3]], dim=1)
 
 
-def _group_sq(groups: Sequence[LayerGroup], tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+def _group_sq(
+    groups: Sequence[LayerGroup], tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], sharded: Optional[bool] = None
+) -> torch.Tensor:
     """Per-group sum of squares of ``tensors`` (local parts), weighted so replicas of ``like`` count once."""
     _, index = _flat(groups)
     dev = tensors[0].device
     sq = torch.stack(torch._foreach_norm(list(tensors), 2)).float() ** 2
-    if distributed.any_dtensor(like):
+    if distributed.any_dtensor(like) if sharded is None else sharded:
         sq = sq * distributed.count_weights(like, dev)
     return torch.zeros(len(groups), device=dev).index_add_(0, torch.tensor(index, device=dev), sq)
 
 
-def weight_sq(groups: Sequence[LayerGroup]) -> torch.Tensor:
+def weight_sq(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -> torch.Tensor:
     """This rank's part of each group's squared weight norm, ``(len(groups),)`` (sum over ranks, then sqrt)."""
     params, _ = _flat(groups)
     if not params:
         return torch.zeros(len(groups))
-    return _group_sq(groups, [distributed.local(p.detach()) for p in params], params)
+    return _group_sq(groups, [distributed.local(p.detach()) for p in params], params, sharded)
 
 
 def weight_norms(groups: Sequence[LayerGroup]) -> torch.Tensor:
@@ -181,13 +184,13 @@ def snapshot(groups: Sequence[LayerGroup]) -> list[torch.Tensor]:
     return [distributed.local(p.detach()).clone() for p in params]
 
 
-def update_sq(groups: Sequence[LayerGroup], before: list[torch.Tensor]) -> torch.Tensor:
+def update_sq(groups: Sequence[LayerGroup], before: list[torch.Tensor], sharded: Optional[bool] = None) -> torch.Tensor:
     """This rank's parts of ‖Δw‖² and ‖w_before‖² per group, ``(2, len(groups))`` (sum over ranks)."""
     params, _ = _flat(groups)
     if not params:
         return torch.zeros(2, len(groups))
     diff = torch._foreach_sub([distributed.local(p.detach()) for p in params], before)
-    return torch.stack([_group_sq(groups, diff, params), _group_sq(groups, before, params)])
+    return torch.stack([_group_sq(groups, diff, params, sharded), _group_sq(groups, before, params, sharded)])
 
 
 def update_ratios_from(sq: torch.Tensor) -> torch.Tensor:

@@ -258,7 +258,7 @@ class GradientMonitor(Callback):
         if not self._logging or not mine:
             return
         sub = [self.groups[i] for i in mine]
-        sums, maxes = grad_moments(sub)  # this rank's parts; ranks are combined at the end of the step
+        sums, maxes = grad_moments(sub, self._sharded)  # this rank's parts; ranks are combined at the end of the step
         table = torch.cat([sums, maxes[:, None]], dim=1)
         for row, gi in enumerate(mine):
             self._grad[gi] = table[row]
@@ -308,9 +308,9 @@ class GradientMonitor(Callback):
         sub = [self.groups[i] for i in idx]
         dev = self._grad[idx[0]].device
         raw = torch.stack([self._grad[i] for i in idx]).to(dev)  # (layers, 5 sums + max)
-        wsq = weight_sq(sub).to(dev)
+        wsq = weight_sq(sub, self._sharded).to(dev)
         before = [t for i in idx for t in self._before[i]]
-        usq = update_sq(sub, before).to(dev)
+        usq = update_sq(sub, before, self._sharded).to(dev)
         nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
         nf_max: list[torch.Tensor] = []
         if self._nf_seen is not None and self._nf_step is not None:  # first NaN step over ranks: max of -step
