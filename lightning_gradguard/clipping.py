@@ -12,6 +12,11 @@
 
 All functions return tensors (never Python floats), so nothing waits for the device.
 
+Sharded gradients (FSDP2 ``DTensor``): every function acts on the full gradients. Norms come from the local
+shards and one collective (:mod:`lightning_gradguard.distributed`), so thresholds, clipping coefficients and
+non-finite norms are identical on every rank; ``value`` clamps each shard in place; AGC's unit norms are
+local for FSDP2's row sharding (see :func:`adaptive_clip_` for other placements).
+
 Example:
     >>> net = torch.nn.Linear(4, 2)
     >>> net(torch.randn(8, 4)).pow(2).sum().backward()
