@@ -20,7 +20,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_gradguard import ActivationReplacement, GradientClipping, GradientMonitor, WeightInitialization
+from lightning_gradguard import (
+    ActivationReplacement, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
+)
 from lightning_gradguard import distributed
 from lightning_gradguard.callbacks.gradient_clipping import ALGORITHMS
 
@@ -133,6 +135,21 @@ def main() -> None:
         # puts a NaN into one gradient element at step 2, on rank 1's shard only: every rank must skip it
         runs[algorithm] = fit(out, mode, algorithm, build_late=k == 0, surgery=k == 1, inject_nan=k == 2)
     rank = runs[ALGORITHMS[0]]["rank"]
+    if mode == "fsdp":  # GradGuard decides on rank 0 (each rank has its own batches), every rank applies it
+        pl.seed_everything(0, verbose=False)
+        guard = GradGuard(init="force", activation="force", probe_batches=2, trial_steps=4, budget_seconds=30, seed=0,
+                         verbose=False)
+        report = Report()
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=3, logger=TensorBoardLogger(out, name="gradguard"), callbacks=[guard, report],
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2,
+            use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(Model())
+        runs["gradguard"] = {"remedies": guard.remedies, "decisions": [d.__dict__ for d in guard.decisions],
+                             "subs": sorted(guard.subs), "dtensor": report.data["dtensor"],
+                             "keys": sorted(report.data["final"])}
     # the shared collectives, once the process group exists: rank 0's decision reaches every rank; sums and
     # maxima of every rank in one gather
     decision = distributed.broadcast_object({"remedies": ["init", "clip"], "from": rank})

@@ -60,8 +60,11 @@ def runs(tmp_path_factory):
 def test_ranks_and_shared_collectives(runs):
     _, ranks, single = runs
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["multi"] for r in ranks) and not single["multi"]
-    assert all(run["dtensor"] for r in ranks for run in r["runs"].values())  # really sharded
+    assert all(run["dtensor"] for r in ranks for run in r["runs"].values())  # really sharded (GradGuard's run too)
     assert not any(run["dtensor"] for run in single["runs"].values())
+    # GradGuard probed on rank 0 and every rank applied its decisions: same remedies, same structure
+    g0, g1 = ranks[0]["runs"]["gradguard"], ranks[1]["runs"]["gradguard"]
+    assert g0 == g1 and g0["decisions"] and {"init", "activation", "monitor"} <= set(g0["subs"]), g0
     # rank 0's decision reached rank 1; sums and maxima over both ranks from one gather
     assert [r["decision"] for r in ranks] == [{"remedies": ["init", "clip"], "from": 0}] * 2
     assert all(r["sums"] == [2.0, 1.0] and r["maxes"] == [1.0] for r in ranks)
