@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_gradguard import GradientClipping, GradientMonitor, WeightInitialization, initialize
-from lightning_gradguard.callbacks.gradient_clipping import ALGORITHMS
 from lightning_gradguard.distributed import check_strategy
 from tests.helpers import load_events
+from tests.integration.fsdp_fit import CLIPPING
 
 SCRIPT = Path(__file__).with_name("fsdp_fit.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_ranks_and_shared_collectives(runs):
     assert all(r["sums"] == [2.0, 1.0] and r["maxes"] == [1.0] for r in ranks)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CLIPPING)
 def test_weights_after_five_steps_match_one_process(runs, algorithm):
     _, (r0, r1), single = runs
     one, a, b = single["runs"][algorithm], r0["runs"][algorithm], r1["runs"][algorithm]
@@ -83,14 +83,14 @@ def test_weights_after_five_steps_match_one_process(runs, algorithm):
     after = [e.value for e in ev.Scalars("gradguard/clip/norm_after")]
     assert len(before) == 5 and any(y < x * 0.99 for x, y in zip(before, after)), (before, after)  # it clipped
     skipped = [e.value for e in ev.Scalars("gradguard/clip/nonfinite_steps")][-1]
-    assert skipped == (1.0 if algorithm == ALGORITHMS[2] else 0.0)  # the NaN on rank 1's shard: skipped by all
+    assert skipped == (1.0 if algorithm == CLIPPING[2] else 0.0)  # the NaN on rank 1's shard: skipped by all
 
 
 def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs):
     """A NaN in one element of rank 1's shard: the global norm is NaN on both ranks, both skip the step, and the
     weights still equal one process's, which skipped the same step."""
     _, (r0, r1), single = runs
-    run = ALGORITHMS[2]
+    run = CLIPPING[2]
     assert r0["runs"][run]["final"] == r1["runs"][run]["final"]
     assert _max_diff(r0["runs"][run]["final"], single["runs"][run]["final"]) <= TOL
     ev = load_events(r0["runs"][run]["log_dir"])
@@ -98,7 +98,7 @@ def test_nonfinite_gradient_on_one_shard_is_skipped_on_every_rank(runs):
     assert [e.value for e in ev.Scalars("grad_nonfinite/net.4")] == [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CLIPPING)
 def test_logged_per_layer_statistics_match_one_process(runs, algorithm):
     fsdp_dir, (r0, r1), single = runs
     assert r1["runs"][algorithm]["log_dir"] is None
@@ -123,7 +123,7 @@ def test_init_on_shards_equals_init_of_unsharded_model(runs):
     net = make_net()
     initialize(net, "auto", seed=0)
     want = {f"net.{k}": v.tolist() for k, v in net.state_dict().items()}
-    got = r0["runs"][ALGORITHMS[0]]["after_setup"]
+    got = r0["runs"][CLIPPING[0]]["after_setup"]
     assert got.keys() == want.keys()
     assert _max_diff(got, want) == 0.0
 
