@@ -28,7 +28,8 @@ names them. Parameters with ``requires_grad=False`` are never touched.
 
 Sharded parameters (FSDP2 ``DTensor``): fans come from the global shape, and every rank fills the full tensor
 with the same generator and keeps its own shard, so the result equals initializing the unsharded model with
-the same seed, before or after ``fully_shard`` (all ranks must call :func:`initialize`).
+the same seed, before or after ``fully_shard`` (all ranks must call :func:`initialize`). LSUV runs before
+sharding only; ``WeightInitialization`` gives every rank global rank 0's batch for it, so all ranks rescale alike.
 
 Example:
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -50,7 +51,7 @@ from torch import nn
 
 from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_choice, check_number
-from lightning_gradguard.distributed import full_tensor, materialized
+from lightning_gradguard.distributed import any_dtensor, full_tensor, materialized
 from lightning_gradguard.graph import LayerInfo, find_layers
 
 #: Keras's constant: std of a standard normal truncated to [-2, 2]
@@ -268,6 +269,11 @@ def initialize(
     for pattern, value in overrides.items():
         check_choice(owner, f"overrides[{pattern!r}]", value, LAYER_SCHEMES)
     exclude = list(exclude)
+    if scheme == "lsuv" and any_dtensor(list(model.parameters())):
+        raise ValueError(
+            "initialize: scheme='lsuv' needs the unsharded model (its forward passes stop inside layers): run it "
+            "before fully_shard, e.g. build the layers in __init__ and shard them in configure_model"
+        )
     if layers is None:
         layers = find_layers(model, sample_input)
     if strict:

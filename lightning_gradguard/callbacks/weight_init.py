@@ -13,7 +13,7 @@ from lightning_gradguard.callbacks._common import (
     resume_checkpoint_path, run_when_model_exists, sample_batch_provider,
 )
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
-from lightning_gradguard.distributed import check_strategy
+from lightning_gradguard.distributed import broadcast_object, check_strategy
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
     initialize,
@@ -118,7 +118,7 @@ class WeightInitialization(Callback):
                 pl_module, self.scheme, distribution=self.distribution, scale=self.scale, mode=self.mode,
                 vs_distribution=self.vs_distribution, gain=self.gain, bias=self.bias, overrides=self.overrides,
                 exclude=self.exclude, strict=self.strict, seed=self.seed,
-                sample_input=sample() if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,
+                sample_input=broadcast_object(sample()) if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,
                 lsuv_max_iters=self.lsuv_max_iters,
             )
             setattr(pl_module, _DONE_ATTR, True)

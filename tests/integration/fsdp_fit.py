@@ -70,9 +70,12 @@ class Model(pl.LightningModule):
                 fully_shard(m, mesh=self.device_mesh["data_parallel"])
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net(x), y) * 20  # large gradients: clipping really clips
+        return F.cross_entropy(self(x), y) * 20  # large gradients: clipping really clips
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
@@ -103,7 +106,7 @@ class Report(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.data["final"] = full_state(pl_module)
-        self.data["log_dir"] = trainer.logger.log_dir if trainer.is_global_zero else None
+        self.data["log_dir"] = trainer.logger.log_dir if trainer.is_global_zero and trainer.logger else None
 
 
 def fit(out: Path, mode: str, algorithm: str, build_late: bool, surgery: bool, inject_nan: bool) -> dict:
@@ -151,6 +154,18 @@ def main() -> None:
         runs["gradguard"] = {"remedies": guard.remedies, "decisions": [d.__dict__ for d in guard.decisions],
                              "subs": sorted(guard.subs), "dtensor": report.data["dtensor"],
                              "keys": sorted(report.data["final"])}
+        # LSUV rescales on a batch: every rank must use the same one (rank 0's), or the shards disagree
+        pl.seed_everything(0, verbose=False)
+        report = Report()
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, callbacks=[WeightInitialization("lsuv", seed=0, verbose=False),
+                                                                      report],
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2,
+            use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(Model())
+        runs["lsuv"] = {"after_setup": report.data["after_setup"], "dtensor": report.data["dtensor"]}
     # the shared collectives, once the process group exists: rank 0's decision reaches every rank; sums and
     # maxima of every rank in one gather
     decision = distributed.broadcast_object({"remedies": ["init", "clip"], "from": rank})

@@ -128,6 +128,25 @@ def test_init_on_shards_equals_init_of_unsharded_model(runs):
     assert _max_diff(got, want) == 0.0
 
 
+def test_lsuv_under_fsdp_rescales_every_shard_on_rank_zeros_batch(runs):
+    """LSUV runs before sharding on each rank; with rank 0's batch on every rank the gathered weights equal
+    LSUV on the unsharded model with that batch (rank-own batches would give each shard another scale)."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from tests.integration.fsdp_fit import GLOBAL_BATCH, make_net
+
+    _, (r0, r1), _ = runs
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, 16, generator=g), torch.randint(0, 6, (256,), generator=g))
+    sampler = DistributedSampler(data, num_replicas=2, rank=0, shuffle=False)
+    x0 = next(iter(DataLoader(data, batch_size=GLOBAL_BATCH // 2, sampler=sampler)))[0]  # rank 0's first batch
+    net = make_net()
+    initialize(net, "lsuv", seed=0, sample_input=x0)
+    want = {f"net.{k}": v.tolist() for k, v in net.state_dict().items()}
+    assert r0["runs"]["lsuv"]["after_setup"] == r1["runs"]["lsuv"]["after_setup"]
+    assert _max_diff(r0["runs"]["lsuv"]["after_setup"], want) <= 1e-6
+
+
 # ------------------------------------------------------------------------------ unsupported strategies
 def test_deepspeed_strategy_is_refused_by_name_without_deepspeed():
     from lightning.pytorch.strategies import DeepSpeedStrategy  # the class imports without deepspeed
