@@ -31,6 +31,7 @@ import torch
 
 from lightning_gradguard import distributed
 from lightning_gradguard.distributed import local_tensors
+from lightning_gradguard.graph import LayerInfo, find_layers
 
 Tensors = Sequence[torch.Tensor]
 NORM_TYPES = (2.0, "inf")
@@ -154,6 +155,14 @@ def adaptive_clip_(params: Iterable[torch.Tensor], clip_factor: float = 0.01, ep
         norms = sq.sqrt()
         for k, (w, g) in enumerate(zip(ws, gs)):
             _agc_(w, g, clip_factor, eps, w_norm=norms[k], g_norm=norms[len(ws) + k])
+
+
+def agc_exempt_params(model: torch.nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> set[int]:
+    """``id``\ s of the parameters AGC leaves unclipped: the output layer's (the last weighted layer in forward
+    order), as NFNets do (Brock et al. 2021, §4.1). ``layers``: a :func:`~lightning_gradguard.graph.find_layers`
+    result already at hand."""
+    layers = find_layers(model) if layers is None else layers
+    return {id(p) for p in layers[-1].module.parameters()} if layers else set()
 
 
 class PercentileClipper:

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local
 from lightning_gradguard.clipping import (
-    PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
+    PercentileClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
+    global_norm,
 )
 from lightning_gradguard.graph import find_layers
 
@@ -126,9 +127,8 @@ class GradientClipping(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         layers = find_layers(pl_module)
-        if self.algorithm == "agc" and not self.agc_clip_output_layer and layers:
-            output = layers[-1].module  # the last weighted layer in forward order (NFNets leave it unclipped)
-            self._skip_ids = {id(p) for p in output.parameters()}
+        if self.algorithm == "agc" and not self.agc_clip_output_layer:
+            self._skip_ids = agc_exempt_params(pl_module, layers)
         if self.per_layer:
             self._layer_groups = [list(info.module.parameters()) for info in layers]
             covered = {id(p) for g in self._layer_groups for p in g}
