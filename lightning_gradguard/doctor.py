@@ -18,8 +18,8 @@ activation       saturated fraction > ``saturation_threshold`` (sigmoid/   same
                  ``dead_threshold`` (ReLU → ``dead_target``)
 activation+BN    both of the above are candidates                        same
 clipping         a recurrent layer, non-finite gradients, a gradient norm by rule; the algorithm
-                 > ``exploding_norm``, max/median norm over the probe      (percentile or AGC) by trial
-                 batches > ``spike_factor``, or a trial that diverged      (2 × ``trial_steps``)
+                 > ``exploding_norm``, max/median norm over the probe      (percentile, AGC or z-score) by
+                 batches > ``spike_factor``, or a trial that diverged      trial (2 × ``trial_steps``)
                  without clipping and trains with it
 ===============  ===========================================================================================
 
@@ -220,10 +220,10 @@ def trial(
 
 
 #: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
-#: AutoClip with a warm-up at norm 1, AGC λ=0.01, value 0.01, norm 1
+#: AutoClip with a warm-up at norm 1, AGC λ=0.01, value 0.01, norm 1, z-score (ZClip) with its own defaults
 CLIP_DEFAULTS: dict[str, dict[str, float]] = {
     "percentile": {"warmup_threshold": 1.0}, "agc": {"threshold": 0.01}, "value": {"threshold": 0.01},
-    "norm": {"threshold": 1.0},
+    "norm": {"threshold": 1.0}, "zscore": {},
 }
 
 
@@ -238,7 +238,7 @@ def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None
     """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**clip_options(options))``
     would."""
     from lightning_gradguard.clipping import (
-        PercentileClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_value_,
+        PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_value_,
     )
 
     opts = clip_options(options)
@@ -247,6 +247,9 @@ def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None
     if algorithm == "percentile":
         clipper = PercentileClipper(warmup_threshold=opts["warmup_threshold"])
         return lambda: clipper.clip_(params) and None
+    if algorithm == "zscore":
+        zclip = ZScoreClipper()  # ZClip's defaults
+        return lambda: zclip.clip_(params) and None
     if algorithm == "agc":
         skip = agc_exempt_params(model)
         body = [p for p in params if id(p) not in skip]

@@ -33,7 +33,7 @@ SUB_ORDER = ("activation", "batchnorm", "init", "clipping", "monitor")
 #: where one hook needs another order: the monitor sees the gradients before clipping changes them
 HOOK_ORDER = {"on_before_optimizer_step": ("monitor", "clipping")}
 #: adaptive clipping algorithms compared by trial when clipping is on and ``clip_algorithm="percentile"``
-CLIP_CANDIDATES = ("percentile", "agc")
+CLIP_CANDIDATES = ("percentile", "agc", "zscore")  # the adaptive clippings GradGuard compares by trial
 
 
 def _forwarded(hook: str) -> Any:
@@ -137,7 +137,8 @@ class GradGuard(Callback):
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
-        clip_algorithm: ``percentile`` (AutoClip, default), ``norm``, ``value`` or ``agc``.
+        clip_algorithm: ``percentile`` (AutoClip, default: then AutoClip, AGC and z-score clipping are tried
+            and the best kept), ``norm``, ``value``, ``agc`` or ``zscore`` (ZClip).
         flow_threshold, saturation_threshold, dead_threshold, spike_factor, exploding_norm, margin: rule thresholds.
         probe_batches, trial_steps, budget_seconds: the budget.
         seed: seed of the trials and of the applied init; default: Lightning's ``seed_everything`` seed
@@ -160,7 +161,7 @@ class GradGuard(Callback):
         architecture_changes: bool = True,
         saturating_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "elu",
         dead_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "leaky_relu",
-        clip_algorithm: Literal["percentile", "norm", "value", "agc"] = "percentile",
+        clip_algorithm: Literal["percentile", "norm", "value", "agc", "zscore"] = "percentile",
         flow_threshold: float = 1e-3,
         saturation_threshold: float = 0.3,
         dead_threshold: float = 0.3,
@@ -180,7 +181,7 @@ class GradGuard(Callback):
         self.architecture_changes = check_bool(owner, "architecture_changes", architecture_changes)
         self.saturating_target = check_choice(owner, "saturating_target", saturating_target, TARGETS)
         self.dead_target = check_choice(owner, "dead_target", dead_target, TARGETS)
-        self.clip_algorithm = check_choice(owner, "clip_algorithm", clip_algorithm, ("percentile", "norm", "value", "agc"))
+        self.clip_algorithm = check_choice(owner, "clip_algorithm", clip_algorithm, ("percentile", "norm", "value", "agc", "zscore"))
         self.flow_threshold = check_number(owner, "flow_threshold", flow_threshold, min_value=0.0, max_value=1.0, min_inclusive=False)
         self.saturation_threshold = check_number(owner, "saturation_threshold", saturation_threshold, min_value=0.0, max_value=1.0)
         self.dead_threshold = check_number(owner, "dead_threshold", dead_threshold, min_value=0.0, max_value=1.0)
@@ -408,7 +409,7 @@ class GradGuard(Callback):
         mode = self.modes["clipping"]
         if trials.clip_on and mode == "auto" and self.clip_algorithm == "percentile" and spent() <= self.budget_seconds:
             # which adaptive clipping suits this model, by trial; these trials run twice as long, since
-            # AutoClip spends its first 10 steps warming up its history
+            # AutoClip and ZClip warm up first (10 and 25 steps, ZClip clipping at norm 1 meanwhile)
             clip_scores = {}
             for algo in CLIP_CANDIDATES:
                 clip_scores[algo] = trials.raw({**best, "clipping": {"algorithm": algo}}, 2 * self.trial_steps)
@@ -456,6 +457,7 @@ class GradGuard(Callback):
                 getattr(sub, hook)(*args, **kwargs)
 
     on_train_batch_start = _forwarded("on_train_batch_start")
+    on_before_backward = _forwarded("on_before_backward")  # clipping's loss-spike detector reads the loss
     on_before_optimizer_step = _forwarded("on_before_optimizer_step")
     on_train_batch_end = _forwarded("on_train_batch_end")
     on_save_checkpoint = _forwarded("on_save_checkpoint")
