@@ -34,6 +34,7 @@ from lightning_gradguard.activations import (
     activation_module_name,
     negative_slope,
 )
+from lightning_gradguard.distributed import any_dtensor
 
 #: module types whose parameters gradguard initializes, clips per unit and reports as layers
 WEIGHTED_TYPES: tuple[type, ...] = (
@@ -107,6 +108,8 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
         sample_input: a batch (tensor, or tuple of positional arguments) for the ``trace`` fallback, or a
             zero-argument callable returning one (called only if needed); optional.
         method: ``"auto"`` (fx, then trace, then modules), or force one of ``"fx"``, ``"trace"``, ``"modules"``.
+            A model with ``DTensor`` (FSDP2-sharded) parameters skips fx under ``"auto"``: ``"trace"`` then
+            runs a real forward, which every rank must run together.
     """
     if method not in ("auto", "fx", "trace", "modules"):
         raise ValueError(f"find_layers: method={method!r} is not one of: auto, fx, trace, modules")
@@ -115,6 +118,8 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
     layers: Optional[list[LayerInfo]] = None
     if getattr(type(model).forward, "__name__", "") == "_forward_unimplemented" and method == "auto":
         return _with_recurrent(_from_module_order(model))  # e.g. a LightningModule using self.net directly
+    if method == "auto" and any_dtensor(list(model.parameters())):
+        method = "trace"  # sharded (FSDP2): fx would run FSDP's forward hooks on proxies and break its state
     if method in ("auto", "fx"):
         layers = _from_fx(model)
         if layers is None and method == "fx":

@@ -22,6 +22,7 @@ from lightning_gradguard.callbacks.batchnorm_insertion import BatchNormInsertion
 from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
+from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_multi_process
 from lightning_gradguard.doctor import Decision, apply_remedies, clip_options, fmt, probe, trial
 from lightning_gradguard.reporting import log_markdown, print_table, progress_bar
 
@@ -221,11 +222,35 @@ class GradGuard(Callback):
             if resume:
                 self._from_checkpoint(resume)
             else:
-                self._decide(trainer, pl_module)
+                self._decide_on_rank_zero(trainer, pl_module)
             self._build_subs(trainer)
             self._forward("setup", trainer, pl_module, stage)
 
         run_when_model_exists(pl_module, act)
+
+    def _decide_on_rank_zero(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Several processes: global rank 0 probes and decides, every rank applies its decisions (broadcast),
+        so all ranks build, initialize and shard the same model. The probe runs on the unsharded module."""
+        if not is_multi_process():
+            self._decide(trainer, pl_module)
+            return
+        if any_dtensor(list(pl_module.parameters())):
+            raise RuntimeError(
+                "GradGuard: the model is already sharded (FSDP2 DTensor parameters) when it would be probed, "
+                "because configure_model built and sharded its layers. Build the layers in __init__ and only "
+                "call fully_shard in configure_model: GradGuard then decides and applies before sharding."
+            )
+        result: Any = None
+        if trainer.is_global_zero:
+            try:
+                self._decide(trainer, pl_module)
+                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps)
+            except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then raise
+                result = err
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise RuntimeError(f"GradGuard: deciding on global rank 0 failed: {result}") from result
+        self.decisions, self.remedies, self.cost_seconds, self.cost_steps = result
 
     def _from_checkpoint(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)

@@ -15,10 +15,11 @@ from lightning_gradguard._validation import check_bool, check_choice, check_numb
 from lightning_gradguard._text import markdown_table
 from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
-from lightning_gradguard.stats import (  # noqa: I001
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
-    to_host, unit_dim_for, update_ratios, weight_norms,
+from lightning_gradguard.stats import (
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
+    to_host, unit_dim_for, update_ratios_from, update_sq, weight_sq,
 )
+from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
 
 
 
@@ -62,6 +63,13 @@ class GradientMonitor(Callback):
     everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
     unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
     before ``GradientClipping`` in the callback list to see the gradients before clipping.
+
+    Several processes: scalars are written once, by global rank 0. Under FSDP2 (``ModelParallelStrategy``,
+    ``DTensor`` shards) the gradient, weight and update statistics are those of the full (unsharded)
+    tensors: each rank reduces its shards and one collective per logging step combines them (sums of
+    squares, sums, counts, maxima). Under DDP the gradients are already identical on all ranks. Activation
+    statistics and histograms are rank 0's own: its micro-batch (1/world_size of the global batch) and,
+    under FSDP2, its shard of each tensor.
 
     Args:
         log_every_n_steps: logging cadence in optimizer steps; ``None`` = ``Trainer(log_every_n_steps)``.
@@ -182,6 +190,7 @@ class GradientMonitor(Callback):
         self._input_layer: Optional[LayerGroup] = None
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
+        self._sharded = False
         # the heatmap's columns: (step, {layer: grad norm}, {layer: update ratio}), at most HEATMAP_COLUMNS
         self._columns: list[tuple[int, dict[str, float], dict[str, float]]] = []
         self._thin = 1  # keep every _thin-th logging step once the columns were halved
@@ -198,8 +207,10 @@ class GradientMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use GradientMonitor with a Trainer that has no logger: pass logger=TensorBoardLogger(...)"
             )
+        check_strategy(trainer.strategy, type(self).__name__)
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self.groups = layer_groups(pl_module, self.per_parameter)
+        self._sharded = any_dtensor(list(pl_module.parameters()))
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
@@ -337,7 +348,8 @@ class GradientMonitor(Callback):
         if not self._logging or not mine:
             return
         sub = [self.groups[i] for i in mine]
-        table = grad_statistics(sub)
+        sums, maxes = grad_moments(sub, self._sharded)  # this rank's parts; ranks are combined at the end of the step
+        table = torch.cat([sums, maxes[:, None]], dim=1)
         for row, gi in enumerate(mine):
             self._grad[gi] = table[row]
         before = snapshot(sub)
@@ -363,7 +375,7 @@ class GradientMonitor(Callback):
         flags = self._nf_flags.get(key)
         if flags is None:
             flags = torch.zeros(len(key), dtype=torch.bool, device=dev)
-        norms = torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)).float()
+        norms = torch.stack(torch._foreach_norm([local(g) for g, _ in pairs], 2)).float()
         bad = ~torch.isfinite(norms)
         first = bad.any() & ~self._nf_seen
         self._nf_flags[key] = torch.where(first, bad, flags)
@@ -427,14 +439,32 @@ class GradientMonitor(Callback):
         idx = sorted(self._grad)
         sub = [self.groups[i] for i in idx]
         dev = self._grad[idx[0]].device
-        grad = torch.stack([self._grad[i] for i in idx]).to(dev)
-        wnorm = weight_norms(sub).to(dev)
+        raw = torch.stack([self._grad[i] for i in idx]).to(dev)  # (layers, 5 sums + max)
+        wsq = weight_sq(sub, self._sharded).to(dev)
         before = [t for i in idx for t in self._before[i]]
-        ratio = update_ratios(sub, before).to(dev)
+        usq = update_sq(sub, before, self._sharded).to(dev)
+        nf_keys = list(self._nf_flags)  # one flag vector per optimizer's parameter set, in _pending's order
+        nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
+                     else torch.zeros(0, device=dev))
+        nf_max: list[torch.Tensor] = []
+        if self._nf_seen is not None and self._nf_step is not None:  # first NaN step over ranks: max of -step
+            nf_max = [self._nf_seen.float().reshape(1),
+                      torch.where(self._nf_seen, -self._nf_step.float(), torch.full((), -1e18, device=dev)).reshape(1)]
+        n = len(idx)
+        # under FSDP2 every rank holds shards: one collective combines sums and maxima of all of them
+        sums, maxes = reduce_sum_max(
+            torch.cat([raw[:, :5].flatten(), wsq, usq.flatten()]),
+            torch.cat([raw[:, 5], *[t.to(dev) for t in nf_max], nf_layers.to(dev)]), enabled=self._sharded,
+        )
+        grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
+        wnorm = sums[5 * n : 6 * n].sqrt()
+        ratio = update_ratios_from(sums[6 * n :].view(2, n))
         self._reduce_activations()
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
-        hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
+        hard, loss, _, _, _ = self._pending(dev)
+        nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
+        nf_layers = maxes[n + len(nf_max) :]
         hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
         host = to_host(grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists)  # the one device → host transfer
         grad_h, wnorm_h, ratio_h, acts_h, hard_h, loss_h = host[:6]
@@ -540,7 +570,7 @@ class GradientMonitor(Callback):
 
     def _histograms(self, idx: list[int], sub: list) -> tuple[list[str], list[torch.Tensor]]:
         """Tags (``<layer>/<weight|bias|...>``) and on-device bin counts of every gradient, weight and recorded
-        activation of ``sub`` (the groups at indices ``idx``)."""
+        activation of ``sub`` (the groups at indices ``idx``; under FSDP2: this rank's shards)."""
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
         for i, g in zip(idx, sub):
@@ -548,9 +578,9 @@ class GradientMonitor(Callback):
                 suffix = f"{g.name}/{pname}" if pname else g.name
                 if p.grad is not None:
                     hist_tags.append(f"hist_grad/{suffix}")
-                    hists.append(histogram(p.grad, self.histogram_bins))
+                    hists.append(histogram(local(p.grad), self.histogram_bins))
                 hist_tags.append(f"hist_weight/{suffix}")
-                hists.append(histogram(p, self.histogram_bins))
+                hists.append(histogram(local(p), self.histogram_bins))
         for i, h in self._act_hists.items():
             hist_tags.append(f"hist_act/{self.groups[i].name}")
             hists.append(h)
