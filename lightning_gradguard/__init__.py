@@ -10,6 +10,7 @@ Example:
 from lightning_gradguard.callbacks import (
     ActivationReplacement, BatchNormInsertion, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
 )
+from lightning_gradguard.activations import register_activation
 from lightning_gradguard.clipping import (
     PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
 )
@@ -49,4 +50,5 @@ __all__ = [
     "InitRecord",
     "find_layers",
     "LayerInfo",
+    "register_activation",
 ]

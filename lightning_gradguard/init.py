@@ -67,7 +67,7 @@ AUTO_DISTRIBUTIONS = ("normal", "uniform")
 BIAS_POLICIES = ("zeros", "ones", "keep")
 
 GLOROT_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "log_softmax", "linear", "unknown")
-HE_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "gelu", "silu")
+HE_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "gelu", "silu", "hardswish", "mish")
 LECUN_ACTIVATIONS = ("selu",)
 
 

@@ -48,7 +48,9 @@ def train_dataloader(trainer: "pl.Trainer") -> Optional[Any]:
 
 def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Callable[[], Any]:
     """A zero-argument callable returning one model input: ``example_input_array`` if set, else the
-    first element of the first training batch (read only when the callable is called)."""
+    first training batch's input: its first element for a ``(x, y)`` tuple or list, the whole dict for a
+    dict batch (Hugging Face style; :func:`~lightning_gradguard.graph.call_with_batch` passes it as keyword
+    arguments), read only when the callable is called."""
 
     def provide() -> Any:
         example = getattr(pl_module, "example_input_array", None)
@@ -60,8 +62,6 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         batch = next(iter(loader))
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = next(v for v in batch.values() if isinstance(v, torch.Tensor))
         return batch
 
     return provide
