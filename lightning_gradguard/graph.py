@@ -165,6 +165,26 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
     return _with_recurrent(_add_missed(model, layers))
 
 
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Tied parameters: ``id(parameter)`` → the paths of every module that holds it directly, in
+    registration order, for each parameter held by two modules or more (GPT-2's ``wte`` and ``lm_head``,
+    T5's ``shared`` and ``embed_tokens``).
+
+    Example:
+        >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> list(shared_parameters(nn.ModuleDict({"emb": emb, "head": head})).values())
+        [['emb', 'head']]
+    """
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        path = name.rpartition(".")[0]
+        paths = holders.setdefault(id(p), [])
+        if path not in paths:
+            paths.append(path)
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
 def call_with_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on a batch as its ``forward`` expects: a tuple as positional arguments, a dict as
     keyword arguments (or as one argument when ``forward`` does not take its keys), else one argument."""
@@ -398,6 +418,6 @@ def _from_module_order(model: nn.Module) -> list[LayerInfo]:
 
 
 __all__ = [
-    "LayerInfo", "find_layers", "is_weighted", "is_norm", "is_transposed_linear", "call_with_batch", "WEIGHTED_TYPES",
+    "LayerInfo", "find_layers", "is_weighted", "is_norm", "shared_parameters", "is_transposed_linear", "call_with_batch", "WEIGHTED_TYPES",
     "NORM_TYPES",
 ]
