@@ -185,6 +185,12 @@ def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in holders.items() if len(v) > 1}
 
 
+def model_input(batch: Any) -> Any:
+    """The model's input in a training batch: the first element of an ``(x, y)`` tuple or list, the
+    whole batch otherwise (a tensor, or a dict of keyword arguments)."""
+    return batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+
+
 def call_with_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on a batch as its ``forward`` expects: a tuple as positional arguments, a dict as
     keyword arguments (or as one argument when ``forward`` does not take its keys), else one argument."""

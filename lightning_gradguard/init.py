@@ -290,18 +290,13 @@ def initialize(
     generator = _seed_generator(seed, first.device if first is not None else torch.device("cpu"))
     records: list[InitRecord] = []
     tied = _tied_owners(model, layers)
-    loaded = [] if force else loaded_prefixes(model)
+    kept = {} if force else kept_layers(model, layers)
     for info in layers:
         if _matches(info.name, exclude):
             records.append(_record(info, "-", 0, 0.0, "excluded"))
             continue
-        prefix = next((p for p in loaded if info.name == p or info.name.startswith(f"{p}.") or not p), None)
-        if prefix is not None:
-            records.append(_record(info, "-", 0, 0.0, "kept: loaded by from_pretrained (force=True re-initializes)"))
-            continue
-        reason = None if force else _keep_reason(info)
-        if reason is not None:
-            records.append(_record(info, "-", 0, 0.0, f"kept: {reason} (force=True re-initializes)"))
+        if info.name in kept:
+            records.append(_record(info, "-", 0, 0.0, f"kept: {kept[info.name]} (force=True re-initializes)"))
             continue
         layer_scheme, layer_scale = scheme, scale
         hit = _matches(info.name, list(overrides))
@@ -327,6 +322,27 @@ def initialize(
 
         lsuv_rescale_(model, layers, records, sample_input, tol=lsuv_tol, max_iters=lsuv_max_iters)
     return records
+
+
+def kept_layers(model: nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> dict[str, str]:
+    """Layers whose weights ``initialize`` keeps unless ``force=True``: name → why (loaded by
+    ``from_pretrained``, an adapter, or trained; see :mod:`lightning_gradguard.pretrained`).
+
+    Example:
+        >>> kept_layers(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+        {}
+    """
+    layers = find_layers(model) if layers is None else layers
+    loaded = loaded_prefixes(model)
+    out = {}
+    for info in layers:
+        if any(info.name == p or info.name.startswith(f"{p}.") or not p for p in loaded):
+            out[info.name] = "loaded by from_pretrained"
+            continue
+        reason = _keep_reason(info)
+        if reason is not None:
+            out[info.name] = reason
+    return out
 
 
 def _tied_owners(model: nn.Module, layers: Sequence[LayerInfo]) -> dict[int, str]:
@@ -412,6 +428,6 @@ def _init_layer(
 
 
 __all__ = [
-    "initialize", "variance_scaling_", "compute_fans", "auto_scheme", "format_table", "InitRecord",
+    "initialize", "kept_layers", "variance_scaling_", "compute_fans", "auto_scheme", "format_table", "InitRecord",
     "SCHEMES", "NAMED_SCHEMES", "TRUNCATED_NORMAL_STD",
 ]

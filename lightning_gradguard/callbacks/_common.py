@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_gradguard.graph import is_weighted
+from lightning_gradguard.graph import is_weighted, model_input
 
 
 def has_weighted_layers(module: nn.Module) -> bool:
@@ -59,10 +59,7 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         loader = train_dataloader(trainer)
         if loader is None:
             return None
-        batch = next(iter(loader))
-        if isinstance(batch, (list, tuple)):
-            batch = batch[0]
-        return batch
+        return model_input(next(iter(loader)))
 
     return provide
 

@@ -22,6 +22,8 @@ from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 from lightning_gradguard.doctor import Decision, apply_remedies, fmt, probe, trial
+from lightning_gradguard.graph import find_layers, model_input
+from lightning_gradguard.init import kept_layers
 from lightning_gradguard.reporting import log_text, print_table
 
 MODES = ("auto", "force", "off")
@@ -218,6 +220,8 @@ class GradGuard(Callback):
         pl_module.__dict__.update(patched)  # training_step's self.log is a no-op while probing
         try:
             base = probe(pl_module, batches, _loss_of)
+            weighted = find_layers(pl_module, model_input(batches[0]) if batches else None)
+            kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights the init trial leaves alone
             self.cost_steps += len(batches)
             spent = lambda: time.perf_counter() - start  # noqa: E731
             # clipping first: by rule, and part of every trial when chosen
@@ -260,13 +264,18 @@ class GradGuard(Callback):
                 decisions.append(Decision("init", "off", "turned off"))
             elif frozen:
                 decisions.append(Decision("init", "not applied", "every weight is frozen (pretrained)"))
+            elif init_mode == "auto" and kept and len(kept) == len(weighted):
+                decisions.append(Decision("init", "not applied", f"all {len(kept)} layers hold loaded, trained or adapter "
+                                          "weights (init='force' re-initializes them)"))
             else:
-                init_loss = run_trial({"init": {"scheme": "auto"}}, "init")
+                init_remedy: dict[str, Any] = {"scheme": "auto", **({"force": True} if init_mode == "force" else {})}
+                init_loss = run_trial({"init": init_remedy}, "init")
                 keep = init_mode == "force" or init_loss <= base_loss * (1 + self.margin)
                 if keep:
-                    best, best_loss = {"init": {"scheme": "auto"}}, init_loss
+                    best, best_loss = {"init": init_remedy}, init_loss
+                kept_note = f"; {len(kept)} layer(s) kept as loaded/trained/adapter" if kept and init_mode != "force" else ""
                 decisions.append(Decision("init", "forced" if init_mode == "force" else ("applied" if keep else "not applied"),
-                                          f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps)"))
+                                          f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){kept_note}"))
             # measurements after init
             after = base
             if best:
@@ -362,7 +371,8 @@ class GradGuard(Callback):
         if "batchnorm" in r:
             self.subs["batchnorm"] = BatchNormInsertion(**r["batchnorm"], verbose=False)
         if "init" in r:
-            self.subs["init"] = WeightInitialization(r["init"].get("scheme", "auto"), seed=self.seed, verbose=False)
+            self.subs["init"] = WeightInitialization(r["init"].get("scheme", "auto"), seed=self.seed, verbose=False,
+                                                     force=bool(r["init"].get("force", False)))
         if "clipping" in r:
             algorithm = r["clipping"].get("algorithm", self.clip_algorithm)
             opts: dict[str, Any] = {"algorithm": algorithm}

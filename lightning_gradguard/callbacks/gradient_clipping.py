@@ -128,8 +128,13 @@ class GradientClipping(Callback):
             output = layers[-1].module  # the last weighted layer in forward order (NFNets leave it unclipped)
             self._skip_ids = {id(p) for p in output.parameters()}
         if self.per_layer:
-            self._layer_groups = [list(info.module.parameters()) for info in layers]
-            covered = {id(p) for g in self._layer_groups for p in g}
+            covered: set[int] = set()
+            self._layer_groups = []
+            for info in layers:  # a tied parameter (GPT-2's wte/lm_head) is clipped once, with its first holder
+                group = [p for p in info.module.parameters() if id(p) not in covered]
+                covered.update(id(p) for p in group)
+                if group:
+                    self._layer_groups.append(group)
             rest = [p for p in pl_module.parameters() if id(p) not in covered]
             if rest:
                 self._layer_groups.append(rest)  # parameters outside weighted layers (norm layers, ...)

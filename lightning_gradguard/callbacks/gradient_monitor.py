@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
+from lightning_gradguard.callbacks._common import sample_batch_provider
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
 from lightning_gradguard.stats import (
@@ -142,7 +143,8 @@ class GradientMonitor(Callback):
                 "Cannot use GradientMonitor with a Trainer that has no logger: pass logger=TensorBoardLogger(...)"
             )
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
-        self.groups = layer_groups(pl_module, self.per_parameter)
+        # the sample batch is read only if torch.fx cannot trace the model (Hugging Face models, ...)
+        self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
