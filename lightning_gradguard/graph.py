@@ -424,6 +424,6 @@ def _from_module_order(model: nn.Module) -> list[LayerInfo]:
 
 
 __all__ = [
-    "LayerInfo", "find_layers", "is_weighted", "is_norm", "shared_parameters", "is_transposed_linear", "call_with_batch", "WEIGHTED_TYPES",
+    "LayerInfo", "find_layers", "is_weighted", "is_norm", "shared_parameters", "is_transposed_linear", "call_with_batch", "model_input", "WEIGHTED_TYPES",
     "NORM_TYPES",
 ]
