@@ -79,29 +79,35 @@ def import_timm() -> Any:
             del sys.modules[name]
 
 
-#: timm models: name → constructor keyword arguments shrinking them (32×32 inputs, 10 classes)
-TIMM_MODELS: dict[str, dict[str, Any]] = {
-    "resnet18": dict(),
-    "efficientnet_b0": dict(),
-    "mobilenetv3_small_100": dict(),
-    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32)),
-    "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
-    "regnetx_002": dict(),
-    "densenet121": dict(growth_rate=8, block_config=(2, 2, 2, 2)),
-    "mlp_mixer": dict(img_size=32, patch_size=8, num_blocks=2, embed_dim=32),
-    "swin": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
-}
-#: models built from their class (the registered names fix the sizes these tests shrink)
-_TIMM_CLASSES = {"mlp_mixer": ("mlp_mixer", "MlpMixer"), "swin": ("swin_transformer", "SwinTransformer")}
+def _timm_models() -> dict[str, Callable[[Any], nn.Module]]:
+    """timm models, shrunk through their own constructor arguments (32×32 inputs, 10 classes)."""
+    return {
+        "resnet18": lambda timm: timm.create_model("resnet18", channels=(8, 16, 32, 64), stem_width=8),
+        "efficientnet_b0": lambda timm: timm.models.efficientnet._gen_efficientnet(
+            "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.34),
+        "mobilenetv3_small_100": lambda timm: timm.models.mobilenetv3._gen_mobilenet_v3("mobilenetv3_small_100", 0.25),
+        "convnext_atto": lambda timm: timm.create_model("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 16, 32, 32)),
+        "vit_tiny_patch16_224": lambda timm: timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
+        "regnetx_002": lambda timm: timm.models.regnet.RegNet(
+            timm.models.regnet.RegNetCfg(depth=4, w0=8, wa=32.0, wm=2.0, group_size=8)),
+        "densenet121": lambda timm: timm.create_model("densenet121", growth_rate=8, block_config=(2, 2, 2, 2)),
+        "mlp_mixer": lambda timm: timm.models.mlp_mixer.MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=32),
+        "swin": lambda timm: timm.models.swin_transformer.SwinTransformer(
+            img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+    }
+
+
+TIMM_MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "vit_tiny_patch16_224",
+               "regnetx_002", "densenet121", "mlp_mixer", "swin")
 
 
 def make_timm(name: str) -> nn.Module:
     timm = import_timm()
     torch.manual_seed(0)
-    if name in _TIMM_CLASSES:
-        module, cls = _TIMM_CLASSES[name]
-        return getattr(importlib.import_module(f"timm.models.{module}"), cls)(num_classes=10, **TIMM_MODELS[name])
-    return timm.create_model(name, pretrained=False, num_classes=10, **TIMM_MODELS[name])
+    net = _timm_models()[name](timm)
+    net.reset_classifier(10)
+    return net
 
 
 def _hf_models() -> dict[str, Callable[[], nn.Module]]:
