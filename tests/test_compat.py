@@ -178,7 +178,8 @@ def test_layers_activations_surgery_and_ties(kind: str, name: str) -> None:
     assert math.isfinite(_forward_backward(module, kind))
 
     # BatchNorm insertion: never in front of an existing norm; the model still runs, ties intact
-    assert feeds_norm or kind == "hf", "the ground truth sees no conv → norm in a timm CNN"
+    if name in ("resnet18", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "densenet121"):
+        assert feeds_norm, "the ground truth sees no conv → BatchNorm in a timm CNN"
     for position in ("before_activation", "after_activation"):
         candidate = copy.deepcopy(module)
         changes = insert_batchnorm(candidate, position=position, sample_input=sample)
