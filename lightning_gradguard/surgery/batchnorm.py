@@ -3,8 +3,11 @@
 BatchNorm insertion wraps a layer in :class:`Normalized` (``layer`` → ``post`` BN; or a ``pre`` BN on the
 model input), or, for ``position="after_activation"``, wraps the activation module the same way. The output
 layer (the last weighted layer in forward order) and frozen layers (no trainable parameter) are left alone;
-layers already followed by a normalization layer are skipped; Linear layers applied to ``(B, T, F)`` inputs
-are normalized over the feature dim. With ``remove_bias`` the bias of a layer feeding a BN directly is dropped
+layers already followed by a normalization layer are skipped (any ``_NormBase``/``LayerNorm``/``GroupNorm``/
+``RMSNorm`` subclass, with children or not, such as timm's ``BatchNormAct2d``, or a ``...RMSNorm``/``...LayerNorm``
+class such as Hugging Face's); Linear layers (and Hugging Face's ``Conv1D``) applied to ``(B, T, F)`` inputs
+are normalized over the feature dim. A wrapped layer keeps answering for its attributes (``wrapper.weight``,
+``.bias``, ``.in_features``, ...), so model code that reads ``self.wo.weight`` (T5) still works. With ``remove_bias`` the bias of a layer feeding a BN directly is dropped
 (BN's β does its job).
 
 Example:
@@ -21,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_gradguard.graph import NORM_TYPES, find_layers
+from lightning_gradguard.graph import find_layers, is_norm, is_transposed_linear
 from lightning_gradguard.surgery._common import Change, n_params, record, set_submodule
 
 POSITIONS = ("before_activation", "after_activation")
@@ -33,6 +36,9 @@ class Normalized(nn.Module):
 
     ``feature_last`` (Linear layers): inputs of shape ``(..., F)`` are normalized over F, whatever the
     leading dims (``(B, T, F)`` included); otherwise BN's own convention (channels in dim 1).
+
+    Attributes the wrapper does not have itself are read from the wrapped layer, so code written against
+    the layer (``self.wo.weight.dtype`` in T5, ``self.fc.in_features``) keeps working.
     """
 
     def __init__(self, layer: nn.Module, pre: Optional[nn.Module] = None, post: Optional[nn.Module] = None,
@@ -45,6 +51,15 @@ class Normalized(nn.Module):
         if self.feature_last:  # (B, F) stays (B, F); (B, T, F) is normalized as (B*T, F). fx-traceable.
             return bn(x.flatten(0, -2)).reshape(x.shape)
         return bn(x)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules of the wrapper
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None or name.startswith("__"):
+                raise
+            return getattr(layer, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre is not None:
@@ -63,17 +78,39 @@ def _bn_for(layer: nn.Module, num: int, momentum: float, eps: float) -> nn.Modul
 
 
 def _out_features(layer: nn.Module) -> int:
+    if is_transposed_linear(layer):
+        return int(layer.weight.shape[1])  # Hugging Face Conv1D: weight (in, out)
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _in_features(layer: nn.Module) -> int:
+    if is_transposed_linear(layer):
+        return int(layer.weight.shape[0])
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
+def _bn_layer(module: nn.Module) -> bool:
+    return isinstance(module, BN_LAYER_TYPES) or is_transposed_linear(module)
+
+
 def _followed_by_norm(model: nn.Module) -> set[str]:
-    """Names of the modules whose next module (in registration order) is a normalization layer."""
-    order = [(n, m) for n, m in model.named_modules() if len(list(m.children())) == 0 or isinstance(m, Normalized)]
-    return {n for (n, _), (_, nxt) in zip(order, order[1:]) if isinstance(nxt, NORM_TYPES)}
+    """Names of the modules whose next module (in registration order) is a normalization layer.
+
+    A norm counts with children or not (timm's ``BatchNormAct2d`` holds its activation); what is inside a
+    norm or a wrapper is not visited.
+    """
+    order = []
+    inside: Optional[str] = None
+    for n, m in model.named_modules():
+        if inside is not None and n.startswith(inside):
+            continue
+        inside = None
+        if is_norm(m) or isinstance(m, Normalized):
+            order.append((n, m))
+            inside = f"{n}."
+        elif len(m._modules) == 0:
+            order.append((n, m))
+    return {n for (n, _), (_, nxt) in zip(order, order[1:]) if is_norm(nxt)}
 
 
 def insert_batchnorm(
@@ -113,7 +150,7 @@ def insert_batchnorm(
         if info.activation_at in modules:
             act_users[info.activation_at] = act_users.get(info.activation_at, 0) + 1
     for info in layers:
-        if not isinstance(info.module, BN_LAYER_TYPES):
+        if not _bn_layer(info.module):
             continue
         parent_path = info.name.rpartition(".")[0]
         if isinstance(modules.get(parent_path), Normalized):
@@ -136,7 +173,9 @@ def insert_batchnorm(
         before_desc = info.describe()
         before_n = n_params(info.module)
         act_path = info.activation_at if info.activation_at in modules else None
-        feature_last = isinstance(info.module, nn.Linear)
+        if info.activation in ("softmax", "log_softmax"):
+            act_path = None  # attention scores, not this layer's units: the BN goes right after the layer
+        feature_last = isinstance(info.module, nn.Linear) or is_transposed_linear(info.module)
         note = ""
         if want_post and position == "after_activation" and act_path and act_users.get(act_path, 0) == 1:
             act_mod = modules[act_path]
@@ -152,8 +191,11 @@ def insert_batchnorm(
             continue
         layer = info.module
         if post is not None and remove_bias and getattr(layer, "bias", None) is not None:
-            layer.bias = None  # BN's shift replaces it
-            note = (note + "; " if note else "") + "bias removed"
+            if is_transposed_linear(layer):  # Conv1D's forward is addmm(bias, ...): the bias must stay
+                note = (note + "; " if note else "") + "bias kept (Conv1D needs it)"
+            else:
+                layer.bias = None  # BN's shift replaces it
+                note = (note + "; " if note else "") + "bias removed"
         set_submodule(model, info.name, Normalized(layer, pre=pre, post=post, feature_last=feature_last))
         parts = ([type(pre).__name__] if pre is not None else []) + [before_desc] + ([type(post).__name__] if post is not None else [])
         delta = n_params(model.get_submodule(info.name)) - before_n
