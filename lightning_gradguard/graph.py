@@ -149,8 +149,6 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
     """
     if method not in ("auto", "fx", "trace", "modules"):
         raise ValueError(f"find_layers: method={method!r} is not one of: auto, fx, trace, modules")
-    if callable(sample_input) and not isinstance(sample_input, (torch.Tensor, nn.Module)):
-        sample_input = sample_input()  # a lazy batch provider: only called when a batch is needed
     layers: Optional[list[LayerInfo]] = None
     if getattr(type(model).forward, "__name__", "") == "_forward_unimplemented" and method == "auto":
         return _with_recurrent(_from_module_order(model))  # e.g. a LightningModule using self.net directly
@@ -158,8 +156,11 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
         layers = _from_fx(model)
         if layers is None and method == "fx":
             raise RuntimeError("find_layers: torch.fx could not trace the model")
-    if layers is None and sample_input is not None and method in ("auto", "trace"):
-        layers = _from_trace(model, sample_input)
+    if layers is None and method in ("auto", "trace"):
+        if callable(sample_input) and not isinstance(sample_input, (torch.Tensor, nn.Module)):
+            sample_input = sample_input()  # a lazy batch provider: only called when a batch is needed
+        if sample_input is not None:
+            layers = _from_trace(model, sample_input)
     if layers is None:
         layers = _from_module_order(model)
     return _with_recurrent(_add_missed(model, layers))

@@ -50,7 +50,7 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
     """A zero-argument callable returning one model input: ``example_input_array`` if set, else the
     first training batch's input: its first element for a ``(x, y)`` tuple or list, the whole dict for a
     dict batch (Hugging Face style; :func:`~lightning_gradguard.graph.call_with_batch` passes it as keyword
-    arguments), read only when the callable is called."""
+    arguments), read only when the callable is called, with torch's and Python's random states restored."""
 
     def provide() -> Any:
         example = getattr(pl_module, "example_input_array", None)
@@ -59,7 +59,13 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         loader = train_dataloader(trainer)
         if loader is None:
             return None
-        return model_input(next(iter(loader)))
+        import random
+
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # reading a batch (a shuffling sampler) must not move the
+            batch = model_input(next(iter(loader)))  # training's random streams
+        random.setstate(py_state)
+        return batch
 
     return provide
 
