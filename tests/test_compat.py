@@ -234,3 +234,21 @@ def test_fit_with_every_callback_and_gradguard(kind: str, name: str, tmp_path: A
     guard = GradGuard(verbose=False, trial_steps=8, probe_batches=2)  # shorter trials: the decisions are not checked here
     _fit(module, kind, [guard], tmp_path / "guard")
     assert {d.remedy for d in guard.decisions} >= {"init", "clipping"}
+
+
+def test_a_model_loaded_with_from_pretrained_is_kept_unless_forced(tmp_path: Any) -> None:
+    module = zoo.LanguageModel(zoo.make_hf("bert"))
+    module.net.config._name_or_path = "bert-tiny-finetuned"  # what from_pretrained records (no download here)
+    weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    records = initialize(module, "auto", sample_input=zoo.text_batch(), seed=0)
+    assert all(r.scheme == "-" for r in records) and "loaded by from_pretrained" in records[-1].note
+    assert all(torch.equal(p.detach(), weights[n]) for n, p in module.named_parameters())
+    guard = GradGuard(verbose=False, trial_steps=4, probe_batches=2)
+    _fit(module, "hf", [guard], tmp_path)
+    init = next(d for d in guard.decisions if d.remedy == "init")
+    assert init.status == "not applied" and "loaded, trained or adapter" in init.measurement
+    query = "net.bert.encoder.layer.0.attention.self.query.weight"
+    before = module.get_parameter(query).detach().clone()
+    records = initialize(module, "auto", sample_input=zoo.text_batch(), seed=0, force=True)
+    assert not torch.equal(module.get_parameter(query).detach(), before)
+    assert not any("loaded" in r.note for r in records)

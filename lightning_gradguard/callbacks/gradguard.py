@@ -89,7 +89,10 @@ class GradGuard(Callback):
     Manual optimization is not probed (init only, by rule).
 
     Args:
-        init, batchnorm, activation, clipping: ``auto`` / ``force`` / ``off`` for each remedy.
+        init, batchnorm, activation, clipping: ``auto`` / ``force`` / ``off`` for each remedy. The init
+            trial (and the applied init) keeps loaded, trained and adapter weights as ``WeightInitialization``
+            does (:mod:`lightning_gradguard.pretrained`), and is not tried when every layer is such;
+            ``init="force"`` re-initializes them too (``WeightInitialization(force=True)``).
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
