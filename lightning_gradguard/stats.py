@@ -251,17 +251,27 @@ def to_host(*tensors: torch.Tensor) -> list[list[float]]:
 
 
 def activation_hook_target(
-    group: LayerGroup, modules: dict[str, nn.Module]
+    group: LayerGroup, modules: dict[str, nn.Module], shared: Sequence[str] = ()
 ) -> tuple[nn.Module, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
     """Where to observe a layer's activation: (module to hook, function to apply to its output).
 
-    The activation module itself when there is one; else the layer, with the activation applied to its
-    output (functional activations such as ``F.relu`` in ``forward``).
+    The activation module itself when there is one and no other layer uses it; else the layer, with the
+    activation applied to its output (functional activations such as ``F.relu`` in ``forward``, and one
+    activation module called after several layers, listed in ``shared``: see :func:`shared_activations`).
     """
     at = modules.get(group.activation_at) if group.activation_at else None
-    if at is not None:
+    if at is not None and group.activation_at not in shared:
         return at, None
     return group.module, ACTIVATION_FUNCTIONS.get(group.activation or "")
+
+
+def shared_activations(groups: Sequence[LayerGroup]) -> set[str]:
+    """Activation module paths that follow more than one layer (one ``nn.ReLU`` reused in a loop)."""
+    seen: dict[str, set[str]] = {}
+    for g in groups:
+        if g.info is not None and g.activation_at:
+            seen.setdefault(g.activation_at, set()).add(g.info.name)
+    return {path for path, layers in seen.items() if len(layers) > 1}
 
 
 def unit_dim_for(module: nn.Module) -> int:
@@ -271,5 +281,5 @@ def unit_dim_for(module: nn.Module) -> int:
 
 __all__ = [
     "LayerGroup", "layer_groups", "grad_statistics", "weight_norms", "snapshot", "update_ratios",
-    "activation_statistics", "activation_statistics_batch", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
+    "activation_statistics", "activation_statistics_batch", "shared_activations", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
 ]

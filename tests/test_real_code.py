@@ -163,3 +163,22 @@ def test_no_batchnorm_in_front_of_a_norm_subclass_with_children() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     assert [c.path for c in insert_batchnorm(net)] == ["2"]  # conv 0 already feeds a BatchNorm
     assert net(torch.randn(2, 3, 12, 12)).shape == (2, 4, 6, 6)
+
+
+def test_an_activation_module_shared_by_layers_is_observed_per_layer() -> None:
+    from lightning_gradguard.stats import activation_hook_target, shared_activations
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out, self.act = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.act(self.b(self.act(self.a(x)))))
+
+    net = Shared()
+    groups = [g for g in layer_groups(net) if g.info is not None]
+    assert shared_activations(groups) == {"act"}
+    modules = dict(net.named_modules())
+    target, fn = activation_hook_target(groups[0], modules, shared_activations(groups))
+    assert target is net.a and fn is torch.relu  # the layer itself, the activation applied to its output

@@ -17,7 +17,7 @@ from lightning_gradguard.callbacks._common import sample_batch_provider
 from lightning_gradguard.health import HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, shared_activations, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios, weight_norms,
 )
 
@@ -174,12 +174,13 @@ class GradientMonitor(Callback):
     # ------------------------------------------------------------------------------- hooks
     def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
         modules = dict(pl_module.named_modules())
+        shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
         want_hist = self._is_hist_step(step)
         for gi, g in enumerate(self.groups):
             if g.info is None or g.frozen or gi in self._acts:
                 continue
             act = g.activation
-            target, fn = activation_hook_target(g, modules)
+            target, fn = activation_hook_target(g, modules, shared)
             unit_dim = unit_dim_for(g.module)
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
