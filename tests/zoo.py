@@ -116,7 +116,7 @@ def _hf_models() -> dict[str, Callable[[], nn.Module]]:
     small = dict(vocab_size=64)
     return {
         "bert": lambda: t.BertForMaskedLM(t.BertConfig(**small, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)),
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(**small, n_embd=32, n_layer=2, n_head=2, n_positions=32)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(**small, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)),
         "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**small, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0)),
         "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(**small, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)),
         "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**small, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)),
