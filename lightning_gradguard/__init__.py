@@ -41,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "adaptive_clip_": "lightning_gradguard.clipping",
     "global_norm": "lightning_gradguard.clipping",
     "PercentileClipper": "lightning_gradguard.clipping",
+    "ZScoreClipper": "lightning_gradguard.clipping",
+    "SpikeDetector": "lightning_gradguard.step_skip",
+    "StepSkipper": "lightning_gradguard.step_skip",
     "initialize": "lightning_gradguard.init",
     "variance_scaling_": "lightning_gradguard.init",
     "compute_fans": "lightning_gradguard.init",
@@ -71,11 +74,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         ActivationReplacement, BatchNormInsertion, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
     )
     from lightning_gradguard.clipping import (
-        PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
+        PercentileClipper, ZScoreClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
+        global_norm,
     )
     from lightning_gradguard.activations import register_activation
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
     from lightning_gradguard.stats import grad_statistics, layer_groups
+    from lightning_gradguard.step_skip import SpikeDetector, StepSkipper
     from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec

@@ -1,8 +1,12 @@
 """Where results go: the one place that writes to TensorBoard and prints tables.
 
-Scalars go through ``pl_module.log`` (every Lightning logger gets them); text, histograms, images and
-the custom-scalar layout go to the ``SummaryWriter`` of every ``TensorBoardLogger`` on the Trainer, from
-global rank 0 only, and are skipped (no error) when there is none.
+Scalars: the per-layer statistics of a logging step go through :func:`log_metrics`, straight to every
+logger of the Trainer from global rank 0 (as ``LearningRateMonitor`` does, not through ``pl_module.log``):
+a ``TensorBoardLogger`` gets them as one event written to its ``SummaryWriter``'s file writer (torch's
+``_get_file_writer``, checked on torch 2.13), any other logger through its ``log_metrics``. Only
+``GradientClipping``'s few per-step counters use ``pl_module.log`` (device tensors, no host sync).
+Text, histograms, images and the custom-scalar layout go to the ``SummaryWriter`` of every
+``TensorBoardLogger`` on the Trainer, from global rank 0 only, and are skipped (no error) when there is none.
 """
 
 from __future__ import annotations

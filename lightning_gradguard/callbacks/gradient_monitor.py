@@ -286,13 +286,23 @@ class GradientMonitor(Callback):
         try:
             self._finish_step(trainer, step)
         finally:
-            self._logging = False
-            self._grad.clear()
-            self._before.clear()
-            self._acts.clear()
-            self._act_out.clear()
-            self._act_hists.clear()
-            self._remove_hooks()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
+        self._logging = False
+        self._grad.clear()
+        self._before.clear()
+        self._acts.clear()
+        self._act_out.clear()
+        self._act_hists.clear()
+        self._remove_hooks()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._end_step()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._end_step()
 
     def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
         idx = sorted(self._grad)
@@ -307,20 +317,7 @@ class GradientMonitor(Callback):
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
         nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
-        hist_tags: list[str] = []
-        hists: list[torch.Tensor] = []
-        if self._is_hist_step(step):
-            for g in sub:
-                for k, p in enumerate(g.params):
-                    suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
-                    if p.grad is not None:
-                        hist_tags.append(f"hist_grad/{suffix}")
-                        hists.append(histogram(p.grad, self.histogram_bins))
-                    hist_tags.append(f"hist_weight/{suffix}")
-                    hists.append(histogram(p, self.histogram_bins))
-            for i, h in self._act_hists.items():
-                hist_tags.append(f"hist_act/{self.groups[i].name}")
-                hists.append(h)
+        hist_tags, hists = self._histograms(sub) if self._is_hist_step(step) else ([], [])
         host = to_host(grad, wnorm, ratio, acts, *nf, nf_layers, *hists)  # the one device → host transfer
         grad_h, wnorm_h, ratio_h, acts_h = host[0], host[1], host[2], host[3]
         nf_h = host[4 : 4 + len(nf)]
@@ -358,15 +355,35 @@ class GradientMonitor(Callback):
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
             self._draw(trainer, step)
         if self.detect:
-            amp = getattr(trainer.precision_plugin, "scaler", None) is not None
-            if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
-                # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
-                bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
-                bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
-                            for i in bad_groups]
-                self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
-            self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
-            self._report(trainer, self.detector.update(step, rows, total, amp))
+            self._detect(trainer, step, rows, total, nf_h, nf_layers_h)
+
+    def _histograms(self, sub: list) -> tuple[list[str], list[torch.Tensor]]:
+        """Tags and on-device bin counts of every gradient, weight and recorded activation of ``sub``."""
+        hist_tags: list[str] = []
+        hists: list[torch.Tensor] = []
+        for g in sub:
+            for k, p in enumerate(g.params):
+                suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
+                if p.grad is not None:
+                    hist_tags.append(f"hist_grad/{suffix}")
+                    hists.append(histogram(p.grad, self.histogram_bins))
+                hist_tags.append(f"hist_weight/{suffix}")
+                hists.append(histogram(p, self.histogram_bins))
+        for i, h in self._act_hists.items():
+            hist_tags.append(f"hist_act/{self.groups[i].name}")
+            hists.append(h)
+        return hist_tags, hists
+
+    def _detect(self, trainer: "pl.Trainer", step: int, rows: list, total: float, nf_h: list, nf_layers_h: Any) -> None:
+        amp = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
+            # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
+            bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
+            bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
+                        for i in bad_groups]
+            self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
+        self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
+        self._report(trainer, self.detector.update(step, rows, total, amp))
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:

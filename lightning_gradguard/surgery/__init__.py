@@ -23,12 +23,14 @@ Example:
 
 from lightning_gradguard.activations import ACTIVATION_NAMES
 from lightning_gradguard.surgery._common import SURGERY_ATTR, Change, format_changes
-from lightning_gradguard.surgery.activations import SOURCE_NAMES, TARGET_PARAMS, normalize_target, replace_activations
+from lightning_gradguard.surgery.activations import (
+    SOURCE_NAMES, TARGET_PARAMS, normalize_mapping, normalize_target, replace_activations,
+)
 from lightning_gradguard.surgery.batchnorm import BN_LAYER_TYPES, POSITIONS, Normalized, insert_batchnorm
 from lightning_gradguard.surgery.spec import CHECKPOINT_KEY, apply_spec, restore, surgery_spec
 
 __all__ = [
     "insert_batchnorm", "replace_activations", "restore", "surgery_spec", "apply_spec", "Normalized", "Change",
-    "format_changes", "normalize_target", "POSITIONS", "SOURCE_NAMES", "TARGET_PARAMS", "ACTIVATION_NAMES",
+    "format_changes", "normalize_target", "normalize_mapping", "POSITIONS", "SOURCE_NAMES", "TARGET_PARAMS", "ACTIVATION_NAMES",
     "BN_LAYER_TYPES", "CHECKPOINT_KEY", "SURGERY_ATTR",
 ]

@@ -47,6 +47,31 @@ def normalize_target(owner: str, source: str, target: Union[str, Mapping[str, An
     return spec
 
 
+def normalize_mapping(owner: str, mapping: Mapping[str, Union[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Check a source → target mapping; each target becomes a dict with ``name`` (see :func:`normalize_target`).
+
+    A chain (``{"sigmoid": "tanh", "tanh": "elu"}``) is refused: applied twice it would turn the new tanh
+    into elu, so the surgery would not be idempotent; map each source to its final target instead.
+    """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{owner}: mapping={mapping!r} must be a mapping of source activation -> target")
+    specs: dict[str, dict[str, Any]] = {}
+    for source, target in mapping.items():
+        if source not in SOURCE_NAMES:
+            raise ValueError(f"{owner}: mapping key {source!r} is not one of: {', '.join(SOURCE_NAMES)}")
+        if not isinstance(target, (str, Mapping)):
+            raise TypeError(f"{owner}: mapping[{source!r}]={target!r} must be a name or a mapping with 'name'")
+        specs[str(source)] = normalize_target(owner, source, target)
+    for source, spec in specs.items():
+        then = specs.get(spec["name"])
+        if spec["name"] != source and then is not None and then != spec:
+            raise ValueError(
+                f"{owner}: mapping[{source!r}] -> {spec['name']!r} is itself a source (-> {then['name']!r}); "
+                f"a chain is not idempotent: map {source!r} to its final target"
+            )
+    return specs
+
+
 def replace_activations(
     model: nn.Module, mapping: Mapping[str, Union[str, Mapping[str, Any]]], sample_input: Any = None
 ) -> list[Change]:
@@ -55,16 +80,11 @@ def replace_activations(
     Activation modules are swapped. Functional activations (``F.relu(x)``, ``x.sigmoid()``) inside a
     submodule's ``forward`` are replaced by rewriting that submodule with ``torch.fx`` (it becomes a
     ``GraphModule``); in the root module's own ``forward``, or where fx cannot trace, they are reported as
-    "not replaceable". PReLU with ``num_parameters="per-channel"`` gets one slope per output unit of the
+    "not replaceable". A second call changes nothing. PReLU with ``num_parameters="per-channel"`` gets one slope per output unit of the
     layer before it. Targets: relu, leaky_relu(negative_slope), rrelu(lower, upper),
     prelu(num_parameters, init), elu(alpha), selu, gelu, silu, sigmoid, tanh.
     """
-    owner = "replace_activations"
-    specs = {}
-    for src, tgt in dict(mapping).items():
-        if src not in SOURCE_NAMES:
-            raise ValueError(f"{owner}: source activation {src!r} is not one of: {', '.join(SOURCE_NAMES)}")
-        specs[src] = normalize_target(owner, src, tgt)
+    specs = normalize_mapping("replace_activations", mapping)
     layers = find_layers(model, sample_input)
     width_after = {i.activation_at: layer_width(i.module) for i in layers if i.activation_at}
     changes: list[Change] = []
@@ -73,6 +93,8 @@ def replace_activations(
         if not path or name not in specs or name == specs[name]["name"] and len(specs[name]) == 1:
             continue
         new = build_activation(specs[name], width_after.get(path))
+        if repr(new) == repr(mod):
+            continue  # already the target (idempotent; a trained PReLU keeps its slopes)
         new = new.to(next(iter(model.parameters())).device) if any(True for _ in model.parameters()) else new
         set_submodule(model, path, new)
         changes.append(Change(path, repr(mod), repr(new), n_params(new) - n_params(mod)))

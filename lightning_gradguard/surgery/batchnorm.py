@@ -19,12 +19,13 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from lightning_gradguard.graph import find_layers, is_norm, is_transposed_linear
+from lightning_gradguard.graph import LayerInfo, find_layers, is_norm, is_transposed_linear
 from lightning_gradguard.surgery._common import Change, n_params, record, set_submodule
 
 POSITIONS = ("before_activation", "after_activation")
@@ -70,8 +71,13 @@ class Normalized(nn.Module):
         return x
 
 
+_BN_BY_LAYER = ((nn.Conv3d, nn.BatchNorm3d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv1d, nn.BatchNorm1d),
+                (nn.Linear, nn.BatchNorm1d))
+
+
 def _bn_for(layer: nn.Module, num: int, momentum: float, eps: float) -> nn.Module:
-    cls = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}.get(type(layer), nn.BatchNorm1d)
+    """The BatchNorm matching ``layer``'s base class (a ``Conv2d`` subclass gets ``BatchNorm2d``)."""
+    cls = next((bn for base, bn in _BN_BY_LAYER if isinstance(layer, base)), nn.BatchNorm1d)  # HF Conv1D: 1d
     p = next(layer.parameters(), None)
     bn = cls(num, eps=eps, momentum=momentum)
     return bn.to(p.device) if p is not None else bn
@@ -89,8 +95,8 @@ def _in_features(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
-def _bn_layer(module: nn.Module) -> bool:
-    return isinstance(module, BN_LAYER_TYPES) or is_transposed_linear(module)
+def _feature_last(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_transposed_linear(layer)
 
 
 def _followed_by_norm(model: nn.Module) -> set[str]:
@@ -111,6 +117,78 @@ def _followed_by_norm(model: nn.Module) -> set[str]:
         elif len(m._modules) == 0:
             order.append((n, m))
     return {n for (n, _), (_, nxt) in zip(order, order[1:]) if is_norm(nxt)}
+
+
+@dataclass
+class _Plan:
+    """What one :func:`insert_batchnorm` call knows about the model before changing it."""
+
+    model: nn.Module
+    layers: list[LayerInfo]
+    momentum: float
+    eps: float
+    include: Sequence[str]
+    exclude: Sequence[str]
+    modules: dict[str, nn.Module] = field(init=False)
+    normed: set[str] = field(init=False)
+    act_users: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.modules = dict(self.model.named_modules())
+        self.normed = _followed_by_norm(self.model)  # wrapping a layer never changes what follows a later one
+        users = [i.activation_at for i in self.layers if i.activation_at in self.modules]
+        self.act_users = {a: users.count(a) for a in users}
+
+    def bn(self, layer: nn.Module, num: int) -> nn.Module:
+        return _bn_for(layer, num, self.momentum, self.eps)
+
+    def wrapped(self, path: Optional[str]) -> bool:
+        """``path`` sits inside a :class:`Normalized` (a layer or activation wrapped by an earlier call)."""
+        return path is not None and isinstance(self.modules.get(path.rpartition(".")[0]), Normalized)
+
+    def eligible(self, info: LayerInfo) -> bool:
+        if not (isinstance(info.module, BN_LAYER_TYPES) or is_transposed_linear(info.module)) or self.wrapped(info.name):
+            return False  # idempotent: the layer was wrapped by an earlier call
+        if self.include and not any(fnmatch.fnmatchcase(info.name, p) for p in self.include):
+            return False
+        if any(fnmatch.fnmatchcase(info.name, p) for p in self.exclude):
+            return False
+        return any(p.requires_grad for p in info.module.parameters())  # frozen layers keep their function
+
+    def wants_post(self, info: LayerInfo) -> bool:
+        """Not the output layer, not already followed by a norm (or by an activation wrapped with one)."""
+        return info is not self.layers[-1] and info.name not in self.normed and not self.wrapped(info.activation_at)
+
+    def sole_activation(self, info: LayerInfo) -> Optional[str]:
+        """The path of the activation module used by this layer alone, else None (functional or shared)."""
+        at = info.activation_at
+        if info.activation in ("softmax", "log_softmax"):
+            return None  # attention scores, not this layer's units: the BN goes right after the layer
+        return at if at in self.modules and self.act_users.get(at) == 1 else None
+
+
+def _wrap_activation(plan: _Plan, info: LayerInfo, act_path: str) -> Change:
+    act = plan.modules[act_path]
+    bn = plan.bn(info.module, _out_features(info.module))
+    set_submodule(plan.model, act_path, Normalized(act, post=bn, feature_last=_feature_last(info.module)))
+    name = type(act).__name__
+    return Change(act_path, name, f"{name} → {type(bn).__name__}", n_params(bn), f"after {info.name}'s activation")
+
+
+def _wrap_layer(plan: _Plan, info: LayerInfo, pre: Optional[nn.Module], post: Optional[nn.Module],
+                remove_bias: bool, note: str) -> Change:
+    layer, before_desc, before_n = info.module, info.describe(), n_params(info.module)
+    if post is not None and remove_bias and getattr(layer, "bias", None) is not None:
+        if is_transposed_linear(layer):  # Conv1D's forward is addmm(bias, ...): the bias must stay
+            note = (note + "; " if note else "") + "bias kept (Conv1D needs it)"
+        else:
+            layer.bias = None  # BN's shift replaces it
+            note = (note + "; " if note else "") + "bias removed"
+    set_submodule(plan.model, info.name, Normalized(layer, pre=pre, post=post, feature_last=_feature_last(layer)))
+    parts = [type(m).__name__ if m is not layer else before_desc for m in (pre, layer, post) if m is not None]
+    delta = n_params(plan.model.get_submodule(info.name)) - before_n
+    return Change(info.name, before_desc, " → ".join(parts), delta,
+                  note or ("input BN" if pre is not None and post is None else ""))
 
 
 def insert_batchnorm(
@@ -134,75 +212,32 @@ def insert_batchnorm(
         input_batchnorm: also a BN on the model input (before the first weighted layer).
         include / exclude: module-name patterns (fnmatch) of layers to consider / skip.
         sample_input: a batch (or zero-argument callable) for finding activations when fx cannot trace.
+
+    The BN type follows the layer's base class (``Conv2d`` and its subclasses get ``BatchNorm2d``). A second
+    call changes nothing: wrapped layers, and layers whose activation was wrapped, are skipped.
     """
     if position not in POSITIONS:
         raise ValueError(f"insert_batchnorm: position={position!r} is not one of: {', '.join(POSITIONS)}")
     layers = find_layers(model, sample_input)
-    all_layers = layers
+    plan = _Plan(model, layers, momentum, eps, include, exclude)
     changes: list[Change] = []
-    if not layers:
-        return changes
-    output = layers[-1]
-    modules = dict(model.named_modules())
-    normed = _followed_by_norm(model)  # wrapping a layer never changes what follows a later one
-    act_users: dict[str, int] = {}
     for info in layers:
-        if info.activation_at in modules:
-            act_users[info.activation_at] = act_users.get(info.activation_at, 0) + 1
-    for info in layers:
-        if not _bn_layer(info.module):
+        if not plan.eligible(info):
             continue
-        parent_path = info.name.rpartition(".")[0]
-        if isinstance(modules.get(parent_path), Normalized):
-            continue  # idempotent: wrapped by an earlier call
-        if include and not any(fnmatch.fnmatchcase(info.name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(info.name, p) for p in exclude):
-            continue
-        if not any(p.requires_grad for p in info.module.parameters()):
-            continue  # frozen (pretrained) layers keep their function
-        first = info is all_layers[0]
-        pre = None
-        if first and input_batchnorm:
-            pre = _bn_for(info.module, _in_features(info.module), momentum, eps)
-        want_post = info is not output and info.name not in normed
-        if info is output and pre is None:
-            continue
-        if not want_post and pre is None:
-            continue
-        before_desc = info.describe()
-        before_n = n_params(info.module)
-        act_path = info.activation_at if info.activation_at in modules else None
-        if info.activation in ("softmax", "log_softmax"):
-            act_path = None  # attention scores, not this layer's units: the BN goes right after the layer
-        feature_last = isinstance(info.module, nn.Linear) or is_transposed_linear(info.module)
-        note = ""
-        if want_post and position == "after_activation" and act_path and act_users.get(act_path, 0) == 1:
-            act_mod = modules[act_path]
-            bn = _bn_for(info.module, _out_features(info.module), momentum, eps)
-            set_submodule(model, act_path, Normalized(act_mod, post=bn, feature_last=feature_last))
-            changes.append(Change(act_path, type(act_mod).__name__, f"{type(act_mod).__name__} → {type(bn).__name__}",
-                                  n_params(bn), f"after {info.name}'s activation"))
-            want_post = False
-        elif want_post and position == "after_activation":
-            note = "activation is functional or shared: BN placed right after the layer"
-        post = _bn_for(info.module, _out_features(info.module), momentum, eps) if want_post else None
-        if pre is None and post is None:
-            continue
-        layer = info.module
-        if post is not None and remove_bias and getattr(layer, "bias", None) is not None:
-            if is_transposed_linear(layer):  # Conv1D's forward is addmm(bias, ...): the bias must stay
-                note = (note + "; " if note else "") + "bias kept (Conv1D needs it)"
+        pre = plan.bn(info.module, _in_features(info.module)) if input_batchnorm and info is layers[0] else None
+        want_post, note = plan.wants_post(info), ""
+        if want_post and position == "after_activation":
+            act_path = plan.sole_activation(info)
+            if act_path is not None:
+                changes.append(_wrap_activation(plan, info, act_path))
+                want_post = False
             else:
-                layer.bias = None  # BN's shift replaces it
-                note = (note + "; " if note else "") + "bias removed"
-        set_submodule(model, info.name, Normalized(layer, pre=pre, post=post, feature_last=feature_last))
-        parts = ([type(pre).__name__] if pre is not None else []) + [before_desc] + ([type(post).__name__] if post is not None else [])
-        delta = n_params(model.get_submodule(info.name)) - before_n
-        changes.append(Change(info.name, before_desc, " → ".join(parts), delta,
-                              note or ("input BN" if pre is not None and post is None else "")))
+                note = "activation is functional or shared: BN placed right after the layer"
+        if want_post or pre is not None:
+            post = plan.bn(info.module, _out_features(info.module)) if want_post else None
+            changes.append(_wrap_layer(plan, info, pre, post, remove_bias, note))
     if changes:
-            record(model, {"op": "batchnorm", "position": position, "remove_bias": remove_bias,
-                        "input_batchnorm": input_batchnorm, "momentum": momentum, "eps": eps,
-                        "include": list(include), "exclude": list(exclude)})
+        record(model, {"op": "batchnorm", "position": position, "remove_bias": remove_bias,
+                       "input_batchnorm": input_batchnorm, "momentum": momentum, "eps": eps,
+                       "include": list(include), "exclude": list(exclude)})
     return changes

@@ -1,5 +1,9 @@
 """Functional activations (``F.relu(x)``, ``x.sigmoid()``) inside a submodule's ``forward``, replaced by
-rewriting that submodule with ``torch.fx`` into a ``GraphModule`` that calls an activation module instead."""
+rewriting that submodule with ``torch.fx`` into a ``GraphModule`` that calls an activation module instead.
+
+Idempotent without bookkeeping: a rewritten module no longer calls the replaced functions, so a second pass
+finds nothing; a later pass with another mapping rewrites what is left.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any, Optional
 import torch.fx
 from torch import nn
 
-from lightning_gradguard.activations import activation_function_name, activation_method_name
+from lightning_gradguard.activations import activation_function_name, activation_method_name, activation_module_name
 from lightning_gradguard.surgery._common import Change, build_activation, layer_width, n_params, set_submodule
 
 
@@ -35,10 +39,8 @@ def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
 
     changes: list[Change] = []
     for path, mod in list(model.named_modules()):
-        if isinstance(mod, torch.fx.GraphModule) and getattr(mod, "_gradguard_rewritten", False):
-            continue
-        if len(list(mod.children())) == 0 and not path:
-            continue
+        if len(list(mod.children())) == 0 and not path or activation_module_name(mod) is not None:
+            continue  # an activation module's own forward (F.prelu in nn.PReLU) is swapped, not rewritten
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -56,10 +58,11 @@ def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
                 changes.append(Change(f"(root).{node.name}", f"{name} (functional)", "-", 0,
                                       "not replaceable: in the root module's forward; use an activation module"))
             continue
-        gm = torch.fx.GraphModule(mod, graph, class_name=f"{type(mod).__name__}Rewritten")
-        for k, (node, name) in enumerate(found):
+        base = type(mod).__name__
+        gm = torch.fx.GraphModule(mod, graph, class_name=base if base.endswith("Rewritten") else f"{base}Rewritten")
+        for node, name in found:
             new = build_activation(specs[name], None if specs[name].get("num_parameters") != "per-channel" else _prev_width(node, mod))
-            attr = f"gradguard_act_{k}"
+            attr = _free_name(gm)
             gm.add_module(attr, new)
             with gm.graph.inserting_after(node):
                 repl = gm.graph.call_module(attr, args=(node.args[0],))
@@ -68,9 +71,16 @@ def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
             changes.append(Change(f"{path}.{attr}", f"{name} (functional)", repr(new), n_params(new), "fx rewrite"))
         gm.graph.lint()
         gm.recompile()
-        gm._gradguard_rewritten = True
         set_submodule(model, path, gm)
     return changes
+
+
+def _free_name(gm: nn.Module) -> str:
+    """``gradguard_act_<k>`` with the first k not taken (a rewritten module can be rewritten again)."""
+    k = 0
+    while hasattr(gm, f"gradguard_act_{k}"):
+        k += 1
+    return f"gradguard_act_{k}"
 
 
 def _prev_width(node: Any, mod: nn.Module) -> Optional[int]:
