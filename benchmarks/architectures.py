@@ -8,7 +8,7 @@ installed as in .ci/run):
 Per model: weighted layers found / Linear+Conv+Embedding+Conv1D modules; the activations found (family:
 count); WeightInitialization (layers initialized, embeddings kept, tied parameters left to their owner);
 BatchNormInsertion (BNs inserted, layers skipped because a norm already follows); ActivationReplacement
-with {relu: leaky_relu, gelu: silu, silu: gelu, sigmoid: elu, tanh: elu} (modules swapped); GradientMonitor
+with {relu: leaky_relu, gelu: elu, silu: elu, hardswish: elu, sigmoid: elu, tanh: elu} (modules swapped); GradientMonitor
 rows; GradGuard's decisions after a 3-step fit (trial_steps=8, probe_batches=2, as in tests/test_compat.py).
 """
 
@@ -33,7 +33,7 @@ from lightning_gradguard import GradGuard, find_layers, initialize, insert_batch
 from tests import zoo  # noqa: E402
 from tests.test_compat import _is_layer  # noqa: E402
 
-MAPPING = {"relu": "leaky_relu", "gelu": "silu", "silu": "gelu", "sigmoid": "elu", "tanh": "elu"}
+MAPPING = {"relu": "leaky_relu", "gelu": "elu", "silu": "elu", "hardswish": "elu", "sigmoid": "elu", "tanh": "elu"}
 
 
 def row(kind: str, name: str) -> str:

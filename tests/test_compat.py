@@ -198,8 +198,8 @@ def test_layers_activations_surgery_and_ties(kind: str, name: str) -> None:
             assert len({id(candidate.get_parameter(n)) for n in names}) == 1
     # activation replacement: every family present swapped for another; the model still runs
     candidate = copy.deepcopy(module)
-    changes = replace_activations(candidate, {"relu": "leaky_relu", "gelu": "silu", "silu": "gelu", "sigmoid": "elu",
-                                              "tanh": "elu"}, sample_input=sample)
+    changes = replace_activations(candidate, {"relu": "leaky_relu", "gelu": "elu", "silu": "elu", "hardswish": "elu",
+                                              "sigmoid": "elu", "tanh": "elu"}, sample_input=sample)
     assert math.isfinite(_forward_backward(candidate, kind))
     assert changes or not with_act
 
