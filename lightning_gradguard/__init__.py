@@ -51,6 +51,9 @@ _EXPORTS: dict[str, str] = {
     "find_layers": "lightning_gradguard.graph",
     "LayerInfo": "lightning_gradguard.graph",
     "register_activation": "lightning_gradguard.activations",
+    "broadcast_object": "lightning_gradguard.distributed",
+    "reduce_sum_max": "lightning_gradguard.distributed",
+    "check_strategy": "lightning_gradguard.distributed",
 }
 
 __all__ = list(_EXPORTS)
@@ -78,6 +81,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         global_norm,
     )
     from lightning_gradguard.activations import register_activation
+    from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_

@@ -16,6 +16,11 @@
 
 All functions return tensors (never Python floats), so nothing waits for the device.
 
+Sharded gradients (FSDP2 ``DTensor``): every function acts on the full gradients. Norms come from the local
+shards and one collective (:mod:`lightning_gradguard.distributed`), so thresholds, clipping coefficients and
+non-finite norms are identical on every rank; ``value`` clamps each shard in place; AGC's unit norms are
+local for FSDP2's row sharding (see :func:`adaptive_clip_` for other placements).
+
 Example:
     >>> net = torch.nn.Linear(4, 2)
     >>> net(torch.randn(8, 4)).pow(2).sum().backward()
@@ -28,6 +33,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from lightning_gradguard import distributed
+from lightning_gradguard.distributed import local_tensors
 from lightning_gradguard.graph import LayerInfo, find_layers
 
 Tensors = Sequence[torch.Tensor]
@@ -43,19 +50,17 @@ def _norm_type(norm_type: Union[float, str]) -> float:
 
 
 def global_norm(params: Iterable[torch.Tensor], norm_type: Union[float, str] = 2.0) -> torch.Tensor:
-    """The p-norm of all gradients together (as ``clip_grad_norm_`` computes it), a 0-dim tensor."""
-    grads = _grads(params)
-    p = _norm_type(norm_type)
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads, p)
-    stacked = torch.stack([n.to(grads[0].device, torch.float32) for n in norms])
-    return stacked.max() if p == float("inf") else torch.linalg.vector_norm(stacked, p)
+    """The p-norm of all gradients together (as ``clip_grad_norm_`` computes it), a 0-dim tensor.
+
+    FSDP2 ``DTensor`` gradients: the norm of the full gradients, from the local shards and one collective
+    (:func:`lightning_gradguard.distributed.global_norm`), identical on every rank.
+    """
+    return distributed.global_norm(_grads(params), norm_type)
 
 
 def clip_by_value_(params: Iterable[torch.Tensor], clip_value: float) -> None:
     """Clamp every gradient element into ``[-clip_value, clip_value]`` in place."""
-    grads = _grads(params)
+    grads = local_tensors(_grads(params))  # a DTensor's local shard is a view: clamping it clamps the shard
     if grads:
         torch._foreach_clamp_min_(grads, -clip_value)
         torch._foreach_clamp_max_(grads, clip_value)
@@ -67,7 +72,7 @@ def clip_by_norm_(
 ) -> torch.Tensor:
     """Rescale the gradients so their global norm is at most ``max_norm``; return the norm before."""
     params = list(params)
-    grads = _grads(params)
+    grads = local_tensors(_grads(params))
     if total_norm is None:
         total_norm = global_norm(params, norm_type)
     if grads:
@@ -79,9 +84,31 @@ def clip_by_norm_(
 def clip_by_norm_per_group_(
     groups: Sequence[Sequence[torch.Tensor]], max_norm: float, norm_type: Union[float, str] = 2.0
 ) -> torch.Tensor:
-    """:func:`clip_by_norm_` applied to each group (e.g. each layer's parameters); return the norms before."""
-    norms = [clip_by_norm_(group, max_norm, norm_type) for group in groups if _grads(group)]
-    return torch.stack(norms) if norms else torch.zeros(0)
+    """:func:`clip_by_norm_` applied to each group (e.g. each layer's parameters); return the norms before.
+
+    All groups' norms come from one batched pass (and, for ``DTensor`` shards, one collective).
+    """
+    groups = [list(g) for g in groups if _grads(g)]
+    if not groups:
+        return torch.zeros(0)
+    grads = [_grads(g) for g in groups]
+    flat = [g for gs in grads for g in gs]
+    parts = local_tensors(flat)
+    dev = parts[0].device
+    index = torch.tensor([i for i, gs in enumerate(grads) for _ in gs], device=dev)
+    p = float("inf") if norm_type in ("inf", float("inf")) else float(norm_type)
+    norms = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(parts, p)])
+    sharded = distributed.any_dtensor(flat)
+    if p == float("inf"):
+        per = torch.zeros(len(groups), device=dev).scatter_reduce_(0, index, norms, reduce="amax", include_self=True)
+        _, per = distributed.reduce_sum_max(torch.zeros(0, device=dev), per, enabled=sharded)
+    else:
+        sq = norms * norms * (distributed.count_weights(flat, dev) if sharded else 1.0)
+        per, _ = distributed.reduce_sum_max(torch.zeros(len(groups), device=dev).index_add_(0, index, sq), enabled=sharded)
+        per = per.sqrt()
+    coef = torch.clamp(max_norm / (per + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    torch._foreach_mul_(parts, list(coef[index].unbind(0)))
+    return per
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -91,16 +118,47 @@ def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     return x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
+def _agc_(w: torch.Tensor, g: torch.Tensor, clip_factor: float, eps: float,
+          w_norm: Optional[torch.Tensor] = None, g_norm: Optional[torch.Tensor] = None) -> None:
+    max_norm = (unitwise_norm(w) if w_norm is None else w_norm).clamp(min=eps).mul_(clip_factor)
+    g_norm = unitwise_norm(g) if g_norm is None else g_norm
+    clipped = g * (max_norm / g_norm.clamp(min=1e-6))
+    g.copy_(torch.where(g_norm > max_norm, clipped, g))
+
+
 def adaptive_clip_(params: Iterable[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
-    """AGC: scale each unit's gradient so ‖g_i‖ ≤ λ·max(‖w_i‖, eps) (unit = output row/filter)."""
+    """AGC: scale each unit's gradient so ‖g_i‖ ≤ λ·max(‖w_i‖, eps) (unit = output row/filter).
+
+    FSDP2 ``DTensor`` parameters: a weight sharded by rows (``Shard(0)``, FSDP2's placement) holds whole
+    units, so its unit norms are local and exact; a sharded bias/1-d parameter (one unit) gets its norms
+    from the shards' squared sums (all such parameters in one collective); any other placement (e.g.
+    tensor-parallel ``Shard(1)``) is gathered whole, clipped, and this rank's shard written back (exact,
+    one gather per such parameter).
+    """
+    params = [p for p in params if p.grad is not None]
+    whole: list[torch.Tensor] = []  # 1-d shards: norms need the other ranks' squares
     for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        max_norm = unitwise_norm(p.detach()).clamp(min=eps).mul_(clip_factor)
-        g_norm = unitwise_norm(g)
-        clipped = g * (max_norm / g_norm.clamp(min=1e-6))
-        g.copy_(torch.where(g_norm > max_norm, clipped, g))
+        w, g = p.detach(), p.grad.detach()
+        if not distributed.is_dtensor(w):
+            _agc_(w, g, clip_factor, eps)
+        elif w.ndim <= 1 and any(pl.is_shard() for pl in w.placements):
+            whole.append(p)
+        elif all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in w.placements):
+            _agc_(distributed.local(w), distributed.local(g), clip_factor, eps)  # rows are whole units
+        else:
+            full_g = distributed.full_tensor(g).clone()
+            _agc_(distributed.full_tensor(w), full_g, clip_factor, eps)
+            distributed.write_local_(g, full_g)
+    if whole:
+        ws = [distributed.local(p.detach()) for p in whole]
+        gs = [distributed.local(p.grad.detach()) for p in whole]
+        dev = ws[0].device
+        weights = distributed.count_weights(whole, dev)
+        sq = torch.stack([n.float() for n in torch._foreach_norm(ws + gs, 2)]) ** 2 * weights.repeat(2)
+        sq, _ = distributed.reduce_sum_max(sq)
+        norms = sq.sqrt()
+        for k, (w, g) in enumerate(zip(ws, gs)):
+            _agc_(w, g, clip_factor, eps, w_norm=norms[k], g_norm=norms[len(ws) + k])
 
 
 class ZScoreClipper:
@@ -204,7 +262,7 @@ class ZScoreClipper:
         coef = torch.where(g > target, target / (g + 1e-6), torch.ones_like(g))
         warm_coef = torch.clamp(cap / (g + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_
         coef = torch.where(active, coef, torch.where(warm, warm_coef, torch.ones_like(g)))
-        grads = _grads(params)
+        grads = local_tensors(_grads(params))  # DTensor shards: scale the local views
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype))
 

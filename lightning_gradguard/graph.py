@@ -35,6 +35,7 @@ from lightning_gradguard.activations import (
     activation_module_name,
     negative_slope,
 )
+from lightning_gradguard.distributed import any_dtensor
 
 #: module types whose parameters gradguard initializes, clips per unit and reports as layers
 WEIGHTED_TYPES: tuple[type, ...] = (
@@ -146,12 +147,16 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
     the Linear layers of ``nn.TransformerEncoderLayer``/``DecoderLayer`` (fx leaves, and run by a fused
     kernel in inference), with the activation the container applies (``linear1``) or none.
         method: ``"auto"`` (fx, then trace, then modules), or force one of ``"fx"``, ``"trace"``, ``"modules"``.
+            A model with ``DTensor`` (FSDP2-sharded) parameters skips fx under ``"auto"``: ``"trace"`` then
+            runs a real forward, which every rank must run together.
     """
     if method not in ("auto", "fx", "trace", "modules"):
         raise ValueError(f"find_layers: method={method!r} is not one of: auto, fx, trace, modules")
     layers: Optional[list[LayerInfo]] = None
     if getattr(type(model).forward, "__name__", "") == "_forward_unimplemented" and method == "auto":
         return _with_recurrent(_from_module_order(model))  # e.g. a LightningModule using self.net directly
+    if method == "auto" and any_dtensor(list(model.parameters())):
+        method = "trace"  # sharded (FSDP2): fx would run FSDP's forward hooks on proxies and break its state
     if method in ("auto", "fx"):
         layers = _from_fx(model)
         if layers is None and method == "fx":

@@ -33,6 +33,11 @@ of a Hugging Face model loaded with ``from_pretrained``, and weights that look t
 ``lm_head``) is initialized once, by the layer that owns it: the embedding if one holds it (so it is kept,
 as embeddings are), else the first holder in forward order; the other holders list it as tied.
 
+Sharded parameters (FSDP2 ``DTensor``): fans come from the global shape, and every rank fills the full tensor
+with the same generator and keeps its own shard, so the result equals initializing the unsharded model with
+the same seed, before or after ``fully_shard`` (all ranks must call :func:`initialize`). LSUV runs before
+sharding only; ``WeightInitialization`` gives every rank global rank 0's batch for it, so all ranks rescale alike.
+
 Example:
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     >>> records = initialize(net, "auto", seed=0)
@@ -53,6 +58,7 @@ from torch import nn
 
 from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_choice, check_number
+from lightning_gradguard.distributed import any_dtensor, full_tensor, materialized
 from lightning_gradguard.graph import LayerInfo, find_layers, is_transposed_linear, shared_parameters
 from lightning_gradguard.pretrained import keep_reason, loaded_prefixes
 
@@ -276,6 +282,11 @@ def initialize(
     for pattern, value in overrides.items():
         check_choice(owner, f"overrides[{pattern!r}]", value, LAYER_SCHEMES)
     exclude = list(exclude)
+    if scheme == "lsuv" and any_dtensor(list(model.parameters())):
+        raise ValueError(
+            "initialize: scheme='lsuv' needs the unsharded model (its forward passes stop inside layers): run it "
+            "before fully_shard, e.g. build the layers in __init__ and shard them in configure_model"
+        )
     if layers is None:
         layers = find_layers(model, sample_input)
     if strict:
@@ -373,7 +384,8 @@ def _record(info: LayerInfo, scheme: str, fan: int, target: float, note: str, sh
     w = getattr(info.module, "weight", None)
     if w is None:
         w = next(iter(info.module.parameters()), torch.empty(0))
-    achieved = float(w.detach().float().std()) if w.numel() > 1 else 0.0
+    w = full_tensor(w.detach())  # FSDP2: the std of the whole weight (a collective, every rank runs the init)
+    achieved = float(w.float().std()) if w.numel() > 1 else 0.0
     return InitRecord(info.name, info.kind, tuple(shape or w.shape), info.activation, scheme, fan, target, achieved, note)
 
 
@@ -392,7 +404,8 @@ def _init_layer(
             continue
         if pname.startswith("bias") or pname in ("in_proj_bias",):
             if bias != "keep":
-                _fill(p.data, bias, (1, 1), generator)
+                with materialized(p.data) as full:
+                    _fill(full, bias, (1, 1), generator)
             continue
         blocks, block_scheme = 1, scheme
         if isinstance(m, nn.RNNBase):
@@ -403,12 +416,13 @@ def _init_layer(
                 blocks = 1
         elif isinstance(m, nn.MultiheadAttention) and pname == "in_proj_weight":
             blocks = 3
-        fans = compute_fans(m, p, blocks)
+        fans = compute_fans(m, p, blocks)  # a DTensor's shape is the global one
         rows = p.shape[0] // blocks
-        for b in range(blocks):
-            t, n = _fill(p.data[b * rows : (b + 1) * rows], block_scheme, fans, generator, **opts)
-            if pname in ("weight", "weight_ih_l0", "in_proj_weight"):
-                target, fan = t, n
+        with materialized(p.data) as full:  # FSDP2 shard: fill the full tensor, keep this rank's part
+            for b in range(blocks):
+                t, n = _fill(full[b * rows : (b + 1) * rows], block_scheme, fans, generator, **opts)
+                if pname in ("weight", "weight_ih_l0", "in_proj_weight"):
+                    target, fan = t, n
     if frozen:
         note = f"frozen kept: {', '.join(frozen)}"
     if tied:
@@ -422,7 +436,7 @@ def _init_layer(
         w = m.weight_ih_l0
     rec = _record(info, scheme, fan, target, note)
     if w is not None and isinstance(m, nn.RNNBase):
-        rec.achieved_std = float(w.detach().float().std())
+        rec.achieved_std = float(full_tensor(w.detach()).float().std())
         rec.shape = tuple(w.shape)
     return rec
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_gradguard import distributed
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS, RELU_FAMILY, SATURATING_BOUNDS
 from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted, shared_parameters
 
@@ -122,12 +123,27 @@ def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
     Columns: L2 norm, mean, std (population), max |g|, fraction of exact zeros, count of non-finite values.
     A layer without gradients this step reads 0 everywhere. Norms, means and spreads are computed over the
     finite values' sums, so a NaN shows up as NaN in the norm and in the non-finite count.
+    FSDP2 ``DTensor`` gradients: statistics of the full gradients (one collective; see :func:`grad_moments`).
     """
+    sums, maxes = grad_moments(groups)
+    params, _ = _flat(groups)
+    sums, maxes = distributed.reduce_sum_max(sums, maxes, enabled=distributed.any_dtensor(params))
+    return grad_statistics_from(sums, maxes)
+
+
+def grad_moments(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive parts of :func:`grad_statistics` from this rank's gradients (local ``DTensor`` shards):
+    ``sums`` ``(len(groups), 5)`` (sum of squares, sum, zeros, non-finite, count) and ``maxes``
+    ``(len(groups),)`` (max |g|). Ranks combine them with
+    :func:`~lightning_gradguard.distributed.reduce_sum_max`; replicas count once
+    (:func:`~lightning_gradguard.distributed.count_weights`) when ``sharded`` (default: any gradient is a
+    ``DTensor``; pass the caller's decision to reduce). Finish with :func:`grad_statistics_from`."""
     params, index = _flat(groups)
     have = [(p.grad, i) for p, i in zip(params, index) if p.grad is not None]
     if not have:
-        return torch.zeros(len(groups), len(GRAD_STATS))
-    grads = [g for g, _ in have]
+        return torch.zeros(len(groups), 5), torch.zeros(len(groups))
+    full = [g for g, _ in have]
+    grads = distributed.local_tensors(full)
     dev = grads[0].device
     idx = torch.tensor([i for _, i in have], device=dev)
     sq = torch.stack(torch._foreach_norm(grads, 2)).float() ** 2
@@ -137,43 +153,74 @@ def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
     zeros = numel - torch.stack([torch.count_nonzero(g) for g in grads]).float()
     nonfinite = numel - torch.stack([torch.isfinite(g).sum() for g in grads]).float()
     per = torch.stack([sq, sums, zeros, nonfinite, numel], dim=1)
+    if distributed.any_dtensor(full) if sharded is None else sharded:
+        per = per * distributed.count_weights(full, dev)[:, None]
     agg = torch.zeros(len(groups), per.shape[1], device=dev).index_add_(0, idx, per)
     gmax = torch.zeros(len(groups), device=dev).scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
-    n = agg[:, 4].clamp(min=1.0)
-    mean = agg[:, 1] / n
-    var = (agg[:, 0] / n - mean**2).clamp(min=0.0)
-    return torch.stack([agg[:, 0].sqrt(), mean, var.sqrt(), gmax, agg[:, 2] / n, agg[:, 3]], dim=1)
+    return agg, gmax
+
+
+def grad_statistics_from(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:
+    """:func:`grad_statistics` from (possibly rank-reduced) :func:`grad_moments`."""
+    n = sums[:, 4].clamp(min=1.0)
+    mean = sums[:, 1] / n
+    var = (sums[:, 0] / n - mean**2).clamp(min=0.0)
+    return torch.stack([sums[:, 0].sqrt(), mean, var.sqrt(), maxes, sums[:, 2] / n, sums[:, 3]], dim=1)
+
+
+def _group_sq(
+    groups: Sequence[LayerGroup], tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], sharded: Optional[bool] = None
+) -> torch.Tensor:
+    """Per-group sum of squares of ``tensors`` (local parts), weighted so replicas of ``like`` count once."""
+    _, index = _flat(groups)
+    dev = tensors[0].device
+    sq = torch.stack(torch._foreach_norm(list(tensors), 2)).float() ** 2
+    if distributed.any_dtensor(like) if sharded is None else sharded:
+        sq = sq * distributed.count_weights(like, dev)
+    return torch.zeros(len(groups), device=dev).index_add_(0, torch.tensor(index, device=dev), sq)
+
+
+def weight_sq(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -> torch.Tensor:
+    """This rank's part of each group's squared weight norm, ``(len(groups),)`` (sum over ranks, then sqrt)."""
+    params, _ = _flat(groups)
+    if not params:
+        return torch.zeros(len(groups))
+    return _group_sq(groups, [distributed.local(p.detach()) for p in params], params, sharded)
 
 
 def weight_norms(groups: Sequence[LayerGroup]) -> torch.Tensor:
-    """L2 norm of each group's parameters together, ``(len(groups),)``."""
-    params, index = _flat(groups)
-    if not params:
-        return torch.zeros(len(groups))
-    dev = params[0].device
-    sq = torch.stack(torch._foreach_norm([p.detach() for p in params], 2)).float() ** 2
-    return torch.zeros(len(groups), device=dev).index_add_(0, torch.tensor(index, device=dev), sq).sqrt()
+    """L2 norm of each group's parameters together, ``(len(groups),)`` (full tensors under FSDP2)."""
+    params, _ = _flat(groups)
+    sq, _ = distributed.reduce_sum_max(weight_sq(groups), enabled=distributed.any_dtensor(params))
+    return sq.sqrt()
 
 
 def snapshot(groups: Sequence[LayerGroup]) -> list[torch.Tensor]:
-    """A copy of every parameter (before an optimizer step), for :func:`update_ratios`."""
+    """A copy of every parameter (its local shard under FSDP2) before an optimizer step, for :func:`update_ratios`."""
     params, _ = _flat(groups)
-    return [p.detach().clone() for p in params]
+    return [distributed.local(p.detach()).clone() for p in params]
+
+
+def update_sq(groups: Sequence[LayerGroup], before: list[torch.Tensor], sharded: Optional[bool] = None) -> torch.Tensor:
+    """This rank's parts of ‖Δw‖² and ‖w_before‖² per group, ``(2, len(groups))`` (sum over ranks)."""
+    params, _ = _flat(groups)
+    if not params:
+        return torch.zeros(2, len(groups))
+    diff = torch._foreach_sub([distributed.local(p.detach()) for p in params], before)
+    return torch.stack([_group_sq(groups, diff, params, sharded), _group_sq(groups, before, params, sharded)])
+
+
+def update_ratios_from(sq: torch.Tensor) -> torch.Tensor:
+    """‖Δw‖/‖w‖ from (rank-reduced) :func:`update_sq` (0 where the weights are 0)."""
+    d, w = sq[0].sqrt(), sq[1].sqrt()
+    return torch.where(w > 0, d / w.clamp(min=1e-30), torch.zeros_like(d))
 
 
 def update_ratios(groups: Sequence[LayerGroup], before: list[torch.Tensor]) -> torch.Tensor:
     """‖w_after − w_before‖ / ‖w_before‖ per group (0 where the weights are 0), ``(len(groups),)``."""
-    params, index = _flat(groups)
-    if not params:
-        return torch.zeros(len(groups))
-    dev = params[0].device
-    diff = torch._foreach_sub([p.detach() for p in params], before)
-    idx = torch.tensor(index, device=dev)
-    d2 = torch.stack(torch._foreach_norm(diff, 2)).float() ** 2
-    w2 = torch.stack(torch._foreach_norm(before, 2)).float() ** 2
-    d = torch.zeros(len(groups), device=dev).index_add_(0, idx, d2).sqrt()
-    w = torch.zeros(len(groups), device=dev).index_add_(0, idx, w2).sqrt()
-    return torch.where(w > 0, d / w.clamp(min=1e-30), torch.zeros_like(d))
+    params, _ = _flat(groups)
+    sq, _ = distributed.reduce_sum_max(update_sq(groups, before), enabled=distributed.any_dtensor(params))
+    return update_ratios_from(sq)
 
 
 def activation_statistics(out: torch.Tensor, activation: Optional[str], unit_dim: int, eps: float = 0.01) -> torch.Tensor:
@@ -280,6 +327,7 @@ def unit_dim_for(module: nn.Module) -> int:
 
 
 __all__ = [
-    "LayerGroup", "layer_groups", "grad_statistics", "weight_norms", "snapshot", "update_ratios",
+    "LayerGroup", "layer_groups", "grad_statistics", "grad_moments", "grad_statistics_from", "weight_sq", "weight_norms",
+    "snapshot", "update_sq", "update_ratios", "update_ratios_from",
     "activation_statistics", "activation_statistics_batch", "shared_activations", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
 ]

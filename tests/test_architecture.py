@@ -15,7 +15,8 @@ def _modules_after(code: str) -> set[str]:
 def test_core_modules_import_without_lightning():
     loaded = _modules_after(
         "import lightning_gradguard.init, lightning_gradguard.clipping, lightning_gradguard.stats, "
-        "lightning_gradguard.surgery, lightning_gradguard.graph, lightning_gradguard.health, lightning_gradguard.doctor"
+        "lightning_gradguard.surgery, lightning_gradguard.graph, lightning_gradguard.health, lightning_gradguard.doctor, "
+        "lightning_gradguard.distributed"
     )
     assert "lightning_gradguard.init" in loaded and "lightning_gradguard.surgery.batchnorm" in loaded
     assert "lightning" not in loaded and "lightning.pytorch" not in loaded

@@ -81,6 +81,9 @@ def test_deep_sigmoid_fires_batchnorm_and_activation_rules_and_fixes_it(tmp_path
     assert acc >= 0.85, acc
     texts = read_texts(load_events(trainer.logger.log_dir), "gradguard/decisions")
     assert texts and "batchnorm" in texts[0] and "probe and trials" in texts[0]
+    assert texts[0].startswith("| remedy | decision | measurement |")  # markdown: TensorBoard renders a table
+    init_row = next(d.measurement for d in gg.decisions if d.remedy == "init")
+    assert "; kept: " in init_row or "; dropped: " in init_row  # says why, not only the two losses
     assert any(t.startswith("grad_norm/") for t in load_events(trainer.logger.log_dir).Tags()["scalars"])  # its monitor
 
 

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gradguard._text import text_table
+from lightning_gradguard._text import markdown_table, text_table
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.activations import SATURATING_BOUNDS
 from lightning_gradguard.callbacks._common import run_when_model_exists, train_dataloader
@@ -22,10 +22,11 @@ from lightning_gradguard.callbacks.batchnorm_insertion import BatchNormInsertion
 from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
+from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_multi_process
 from lightning_gradguard.doctor import Decision, apply_remedies, clip_options, fmt, probe, trial
 from lightning_gradguard.graph import find_layers, model_input
 from lightning_gradguard.init import kept_layers
-from lightning_gradguard.reporting import log_text, print_table
+from lightning_gradguard.reporting import log_markdown, print_table, progress_bar
 
 MODES = ("auto", "force", "off")
 TARGETS = ("elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu")
@@ -89,16 +90,22 @@ class _Trials:
     their remedies). Clipping joins every later trial once a trial diverged without it and trained with it."""
 
     def __init__(self, guard: "GradGuard", pl_module: "pl.LightningModule", stream: _Cycle, memo: dict,
-                 seed: int, clip_on: bool, clip_reasons: list[str]) -> None:
+                 seed: int, clip_on: bool, clip_reasons: list[str], bar: Any = None) -> None:
         self.guard, self.pl_module, self.stream, self.memo, self.seed = guard, pl_module, stream, memo, seed
+        self.bar = bar  # a progress bar (reporting.progress_bar) counting forward/backward passes, or None
         self.clip_on, self.clip_reasons = clip_on, clip_reasons
         self.common: dict[str, dict[str, Any]] = {"clipping": {"algorithm": guard.clip_algorithm}} if clip_on else {}
 
     def raw(self, rem: dict[str, dict[str, Any]], steps: Optional[int] = None) -> float:
         steps = self.guard.trial_steps if steps is None else steps
         self.guard.cost_steps += steps
-        return trial(self.pl_module, rem, self.stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
+        if self.bar is not None:
+            self.bar.set_description(f"GradGuard trial: {'+'.join(sorted(rem)) or 'no remedy'}")
+        loss = trial(self.pl_module, rem, self.stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
                      steps, self.seed, dict(self.memo))
+        if self.bar is not None:
+            self.bar.update(steps)
+        return loss
 
     def run(self, rem: dict[str, dict[str, Any]], label: str) -> float:
         loss = self.raw({**self.common, **rem})
@@ -220,11 +227,35 @@ class GradGuard(Callback):
             if resume:
                 self._from_checkpoint(resume)
             else:
-                self._decide(trainer, pl_module)
+                self._decide_on_rank_zero(trainer, pl_module)
             self._build_subs(trainer)
             self._forward("setup", trainer, pl_module, stage)
 
         run_when_model_exists(pl_module, act)
+
+    def _decide_on_rank_zero(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Several processes: global rank 0 probes and decides, every rank applies its decisions (broadcast),
+        so all ranks build, initialize and shard the same model. The probe runs on the unsharded module."""
+        if not is_multi_process():
+            self._decide(trainer, pl_module)
+            return
+        if any_dtensor(list(pl_module.parameters())):
+            raise RuntimeError(
+                "GradGuard: the model is already sharded (FSDP2 DTensor parameters) when it would be probed, "
+                "because configure_model built and sharded its layers. Build the layers in __init__ and only "
+                "call fully_shard in configure_model: GradGuard then decides and applies before sharding."
+            )
+        result: Any = None
+        if trainer.is_global_zero:
+            try:
+                self._decide(trainer, pl_module)
+                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps)
+            except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then raise
+                result = err
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise RuntimeError(f"GradGuard: deciding on global rank 0 failed: {result}") from result
+        self.decisions, self.remedies, self.cost_seconds, self.cost_steps = result
 
     def _from_checkpoint(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -269,19 +300,24 @@ class GradGuard(Callback):
         # trials share one seed (so they differ only by their remedies): ours, else Lightning's, else 0
         trial_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         spent = lambda: time.perf_counter() - start  # noqa: E731
-        base = probe(pl_module, batches, _loss_of)
-        self.cost_steps += len(batches)
-        # clipping first: by rule, and part of every trial when chosen
-        clip_reasons, big = self._clip_rule(base)
-        clip_on = self.modes["clipping"] == "force" or (self.modes["clipping"] == "auto" and bool(clip_reasons))
-        trials = _Trials(self, pl_module, _Cycle(loader), memo, trial_seed, clip_on, clip_reasons)
-        base_loss = trials.run({}, "no remedy")
-        weighted = find_layers(pl_module, model_input(batches[0]) if batches else None)
-        kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights the init trial leaves alone
-        init_decision, best, best_loss = self._decide_init(trials, base_loss, frozen, kept, len(weighted))
-        after = self._probe_after(pl_module, batches, best, memo, trial_seed) if best else base  # measured after init
-        decisions = [init_decision, *self._decide_architecture(trials, after, best, best_loss, spent)]
-        decisions.append(self._decide_clipping(trials, best, base, big, spent))
+        bar = progress_bar(trainer, "GradGuard probe", enabled=self.verbose)  # on a terminal only
+        try:
+            base = probe(pl_module, batches, _loss_of)
+            self.cost_steps += len(batches)
+            bar.update(len(batches))
+            # clipping first: by rule, and part of every trial when chosen
+            clip_reasons, big = self._clip_rule(base)
+            clip_on = self.modes["clipping"] == "force" or (self.modes["clipping"] == "auto" and bool(clip_reasons))
+            trials = _Trials(self, pl_module, _Cycle(loader), memo, trial_seed, clip_on, clip_reasons, bar)
+            base_loss = trials.run({}, "no remedy")
+            weighted = find_layers(pl_module, model_input(batches[0]) if batches else None)
+            kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights the init trial leaves alone
+            init_decision, best, best_loss = self._decide_init(trials, base_loss, frozen, kept, len(weighted))
+            after = self._probe_after(pl_module, batches, best, memo, trial_seed) if best else base  # measured after init
+            decisions = [init_decision, *self._decide_architecture(trials, after, best, best_loss, spent)]
+            decisions.append(self._decide_clipping(trials, best, base, big, spent))
+        finally:
+            bar.close()
         remedies = dict(best)
         if trials.clip_on:
             remedies["clipping"] = dict(trials.common["clipping"])
@@ -316,7 +352,13 @@ class GradGuard(Callback):
         keep = init_mode == "force" or init_loss <= base_loss * (1 + self.margin)
         status = "forced" if init_mode == "force" else ("applied" if keep else "not applied")
         kept_note = f"; {len(kept)} layer(s) kept as loaded/trained/adapter" if kept and init_mode != "force" else ""
-        decision = Decision("init", status, f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){kept_note}")
+        if init_mode == "force":
+            verdict = ""
+        elif keep:
+            verdict = "; kept: lower" if init_loss <= base_loss else f"; kept: within the {self.margin:.0%} tolerance (margin), so not worse"
+        else:
+            verdict = f"; dropped: worse by more than the {self.margin:.0%} tolerance (margin)"
+        decision = Decision("init", status, f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){verdict}{kept_note}")
         return (decision, {"init": remedy}, init_loss) if keep else (decision, {}, base_loss)
 
     def _probe_after(self, pl_module: "pl.LightningModule", batches: list, best: dict, memo: dict, seed: int) -> Any:
@@ -391,7 +433,9 @@ class GradGuard(Callback):
         if picked and not self.architecture_changes:
             status = "suggested (architecture_changes=False)"
         detail = ", ".join(f"{k} {fmt(v)}" for k, v in tried.items())
-        return Decision(name, status, f"{reason}; trial loss {fmt(ref_loss)} → {detail}"), picked
+        verdict = "" if self.modes[name] == "force" else (
+            f"; {'' if picked else 'not '}better than {fmt(ref_loss)} by the {self.margin:.0%} margin")
+        return Decision(name, status, f"{reason}; trial loss {fmt(ref_loss)} → {detail}{verdict}"), picked
 
     def _decide_clipping(self, trials: _Trials, best: dict, base: Any, big: float, spent: Any) -> Decision:
         mode = self.modes["clipping"]
@@ -437,6 +481,14 @@ class GradGuard(Callback):
         head = ("remedy", "decision", "measurement")
         return text_table(head, [(d.remedy, d.status, d.measurement) for d in self.decisions])
 
+    def markdown(self) -> str:
+        """The decision table as markdown (TensorBoard text ``gradguard/decisions``)."""
+        head = ("remedy", "decision", "measurement")
+        rows = [(d.remedy, f"**{d.status}**" if d.status in ("applied", "forced") else d.status, d.measurement)
+                for d in self.decisions]
+        return (markdown_table(head, rows) + f"\n\nprobe and trials: {self.cost_seconds:.2f}s, "
+                f"{self.cost_steps} forward/backward passes; rules: `lightning_gradguard.doctor`")
+
     # ---------------------------------------------------------------------------------- forwarding
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
         """Call ``hook`` on every sub-callback, in :data:`SUB_ORDER` (or the hook's :data:`HOOK_ORDER`)."""
@@ -457,7 +509,7 @@ class GradGuard(Callback):
         text = self.table() + f"\nprobe and trials: {self.cost_seconds:.2f}s, {self.cost_steps} forward/backward passes"
         if self.verbose:
             print_table("GradGuard decisions", text)
-        log_text(trainer, "gradguard/decisions", text, step=0)
+        log_markdown(trainer, "gradguard/decisions", self.markdown(), step=0)
         self._forward("on_fit_start", trainer, pl_module)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
+from lightning_gradguard.distributed import any_dtensor, check_strategy, local
 from lightning_gradguard.clipping import (
     PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_,
     clip_by_value_,
@@ -29,7 +30,7 @@ def first_nonfinite_parameter(pl_module: torch.nn.Module, params: list[torch.Ten
     """Name of the first parameter (in registration order) whose gradient holds NaN/Inf (syncs; error path)."""
     wanted = {id(p) for p in params}
     for name, p in pl_module.named_parameters():
-        if id(p) in wanted and p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        if id(p) in wanted and p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
             return name
     return None
 
@@ -193,6 +194,7 @@ class GradientClipping(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
             raise MisconfigurationException(
                 f"GradientClipping({self.algorithm!r}) and Trainer(gradient_clip_val={trainer.gradient_clip_val}) "
@@ -332,7 +334,8 @@ class GradientClipping(Callback):
         optimizer step is skipped (the clipping that follows may leave NaN in the gradients: they are never
         applied)."""
         finite = torch.isfinite(norm)
-        if _distributed(trainer):
+        sharded = any_dtensor([p.grad for p in params])  # then the norm is already global, equal on all ranks
+        if not sharded and _distributed(trainer):
             # every rank must take the same decision (a gradient changed after DDP's all-reduce may differ);
             # an on-device all-reduce, on every rank, before any rank-dependent branch
             flag = (~finite).float()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal, Optional
 
@@ -13,14 +12,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
+from lightning_gradguard._text import markdown_table
 from lightning_gradguard.callbacks._common import sample_batch_provider
-from lightning_gradguard.health import HealthDetector, LayerRow
-from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
+from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
+from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, shared_activations, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
-    to_host, unit_dim_for, update_ratios, weight_norms,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, shared_activations, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
+    to_host, unit_dim_for, update_ratios_from, update_sq, weight_sq,
 )
+from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
 
+
+
+HEATMAP_COLUMNS = 512
 
 
 class GradientMonitor(Callback):
@@ -34,12 +38,17 @@ class GradientMonitor(Callback):
     forward hooks attached for that step's forward only, ``act_mean``, ``act_std``, ``act_dead_frac``
     (ReLU units at 0 for the whole batch), ``act_saturated_frac`` (sigmoid/tanh within ``saturation_eps``
     of a bound). Tags are ``<statistic>/<layer>`` (one TensorBoard section per statistic, one chart per
-    layer), plus ``gradguard/grad_norm_total``, ``gradguard/flow_ratio`` (first / last weighted layer's
-    gradient norm) and ``gradguard/nonfinite_total``, and a custom-scalars layout overlaying all layers.
-    Histograms (``hist_grad/``, ``hist_weight/``, ``hist_act/``) every ``histogram_every_n_steps`` (binned on
-    the device), a gradient-flow image (``gradguard/gradient_flow``) every ``figure_every_n_steps`` and at
-    the end of fit. Findings (see :mod:`lightning_gradguard.health`) become warnings and TensorBoard text
-    ``gradguard/findings``; a summary is printed and logged at the end of fit.
+    layer), plus ``log10_grad_norm/<layer>`` (the same norm in decades, so the custom-scalars overlay of all
+    layers stays readable when norms span 1 to 1e-16), ``gradguard/grad_norm_total``, ``gradguard/flow_ratio``
+    (first / last weighted layer's gradient norm) and ``gradguard/nonfinite_total``, and a custom-scalars
+    layout overlaying all layers. Histograms (``hist_grad/<layer>/<weight|bias>``, ``hist_weight/...``,
+    ``hist_act/<layer>``) every ``histogram_every_n_steps`` (binned on the device). Pictures, every
+    ``figure_every_n_steps`` and at the end of fit: ``gradguard/heatmap`` (layer × step, log10 gradient norm
+    and log10 update ratio, the weighted layers in forward order; up to 512 step columns, older ones thinned
+    by halving) and ``gradguard/gradient_flow`` (norms of the last logging step, earlier ones in grey).
+    Text (markdown tables): ``gradguard/layers`` (name, type, activation, init scheme applied, frozen),
+    ``gradguard/findings`` (step, layer, kind, finding, what to do; see :mod:`lightning_gradguard.health`;
+    each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
     Memory: on a logging step the hooks keep references to the observed activation outputs (no copies)
     until the step ends, where they are reduced together, same-shaped layers in one batch.
@@ -49,6 +58,13 @@ class GradientMonitor(Callback):
     everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
     unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
     before ``GradientClipping`` in the callback list to see the gradients before clipping.
+
+    Several processes: scalars are written once, by global rank 0. Under FSDP2 (``ModelParallelStrategy``,
+    ``DTensor`` shards) the gradient, weight and update statistics are those of the full (unsharded)
+    tensors: each rank reduces its shards and one collective per logging step combines them (sums of
+    squares, sums, counts, maxima). Under DDP the gradients are already identical on all ranks. Activation
+    statistics and histograms are rank 0's own: its micro-batch (1/world_size of the global batch) and,
+    under FSDP2, its shard of each tensor.
 
     Args:
         log_every_n_steps: logging cadence in optimizer steps; ``None`` = ``Trainer(log_every_n_steps)``.
@@ -131,6 +147,11 @@ class GradientMonitor(Callback):
         self._nf_reported = False
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
+        self._sharded = False
+        # the heatmap's columns: (step, {layer: grad norm}, {layer: update ratio}), at most HEATMAP_COLUMNS
+        self._columns: list[tuple[int, dict[str, float], dict[str, float]]] = []
+        self._thin = 1  # keep every _thin-th logging step once the columns were halved
+        self._seen_log_steps = 0
 
     @property
     def state_key(self) -> str:
@@ -142,12 +163,15 @@ class GradientMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use GradientMonitor with a Trainer that has no logger: pass logger=TensorBoardLogger(...)"
             )
+        check_strategy(trainer.strategy, type(self).__name__)
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         # the sample batch is read only if torch.fx cannot trace the model (Hugging Face models, ...)
         self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
+        self._sharded = any_dtensor(list(pl_module.parameters()))
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
+                "log10 gradient norm, all layers": ["Multiline", ["log10_grad_norm/.*"]],
                 "gradient norm, all layers": ["Multiline", ["grad_norm/.*"]],
                 "update/weight ratio, all layers": ["Multiline", ["update_ratio/.*"]],
                 "dead units, all layers": ["Multiline", ["act_dead_frac/.*"]],
@@ -156,9 +180,12 @@ class GradientMonitor(Callback):
             }
         }
         log_layout(trainer, layout)
-        layers = [{"name": g.name, "type": g.description, "activation": g.activation, "frozen": g.frozen}
-                  for g in self.groups]
-        log_text(trainer, "gradguard/layers", json.dumps(layers), step=0)  # forward order, for `gradguard report`
+        self._param_names = [_param_names(g) for g in self.groups]
+        schemes = _init_schemes(trainer)
+        rows = [(g.name, g.description, g.activation or "-", schemes.get(g.name, "-"), "yes" if g.frozen else "no")
+                for g in self.groups]
+        # forward order; `gradguard report` reads this table back
+        log_markdown(trainer, "gradguard/layers", markdown_table(LAYER_COLUMNS, rows), step=0)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self._every == 0
@@ -250,7 +277,8 @@ class GradientMonitor(Callback):
         if not self._logging or not mine:
             return
         sub = [self.groups[i] for i in mine]
-        table = grad_statistics(sub)
+        sums, maxes = grad_moments(sub, self._sharded)  # this rank's parts; ranks are combined at the end of the step
+        table = torch.cat([sums, maxes[:, None]], dim=1)
         for row, gi in enumerate(mine):
             self._grad[gi] = table[row]
         before = snapshot(sub)
@@ -271,7 +299,7 @@ class GradientMonitor(Callback):
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
             self._nf_params = torch.zeros(len(key), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([g for g, _ in pairs], 2)))
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm([local(g) for g, _ in pairs], 2)))
         first = bad.any() & ~self._nf_seen
         self._nf_params = torch.where(first, bad, self._nf_params)
         self._nf_step = torch.where(first, step, self._nf_step)
@@ -308,16 +336,30 @@ class GradientMonitor(Callback):
         idx = sorted(self._grad)
         sub = [self.groups[i] for i in idx]
         dev = self._grad[idx[0]].device
-        grad = torch.stack([self._grad[i] for i in idx]).to(dev)
-        wnorm = weight_norms(sub).to(dev)
+        raw = torch.stack([self._grad[i] for i in idx]).to(dev)  # (layers, 5 sums + max)
+        wsq = weight_sq(sub, self._sharded).to(dev)
         before = [t for i in idx for t in self._before[i]]
-        ratio = update_ratios(sub, before).to(dev)
+        usq = update_sq(sub, before, self._sharded).to(dev)
+        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
+        nf_max: list[torch.Tensor] = []
+        if self._nf_seen is not None and self._nf_step is not None:  # first NaN step over ranks: max of -step
+            nf_max = [self._nf_seen.float().reshape(1),
+                      torch.where(self._nf_seen, -self._nf_step.float(), torch.full((), -1e18, device=dev)).reshape(1)]
+        n = len(idx)
+        # under FSDP2 every rank holds shards: one collective combines sums and maxima of all of them
+        sums, maxes = reduce_sum_max(
+            torch.cat([raw[:, :5].flatten(), wsq, usq.flatten()]),
+            torch.cat([raw[:, 5], *[t.to(dev) for t in nf_max], nf_layers.to(dev)]), enabled=self._sharded,
+        )
+        grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
+        wnorm = sums[5 * n : 6 * n].sqrt()
+        ratio = update_ratios_from(sums[6 * n :].view(2, n))
         self._reduce_activations()
         act_idx = [i for i in idx if self._acts.get(i) is not None]
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
-        nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
-        nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
-        hist_tags, hists = self._histograms(sub) if self._is_hist_step(step) else ([], [])
+        nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
+        nf_layers = maxes[n + len(nf_max) :]
+        hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
         host = to_host(grad, wnorm, ratio, acts, *nf, nf_layers, *hists)  # the one device → host transfer
         grad_h, wnorm_h, ratio_h, acts_h = host[0], host[1], host[2], host[3]
         nf_h = host[4 : 4 + len(nf)]
@@ -331,6 +373,8 @@ class GradientMonitor(Callback):
             values = grad_h[j * k : (j + 1) * k]
             for name, v in zip(GRAD_STATS, values):
                 metrics[f"{name}/{g.name}"] = v
+            metrics[f"log10_grad_norm/{g.name}"] = math.log10(values[0]) if 0 < values[0] < math.inf else (
+                -30.0 if values[0] == 0 else float("nan"))
             metrics[f"weight_norm/{g.name}"] = wnorm_h[j]
             metrics[f"update_ratio/{g.name}"] = ratio_h[j]
             a = act_rows.get(i)
@@ -350,25 +394,28 @@ class GradientMonitor(Callback):
         log_metrics(trainer, metrics, step)
         for tag, values in zip(hist_tags, hist_h):
             log_histogram(trainer, tag, values, step)
-        self._last_norms, self._last_names = norms, [g.name for g in sub]
-        self._history = (self._history + [norms])[-10:]
+        pic = [j for j, g in enumerate(sub) if g.info is not None] or list(range(len(sub)))  # weighted layers
+        self._last_norms, self._last_names = [norms[j] for j in pic], [sub[j].name for j in pic]
+        self._history = (self._history + [self._last_norms])[-10:]
+        self._add_column(step, {sub[j].name: norms[j] for j in pic}, {sub[j].name: ratio_h[j] for j in pic})
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
             self._draw(trainer, step)
         if self.detect:
             self._detect(trainer, step, rows, total, nf_h, nf_layers_h)
 
-    def _histograms(self, sub: list) -> tuple[list[str], list[torch.Tensor]]:
-        """Tags and on-device bin counts of every gradient, weight and recorded activation of ``sub``."""
+    def _histograms(self, idx: list[int], sub: list) -> tuple[list[str], list[torch.Tensor]]:
+        """Tags (``<layer>/<weight|bias|...>``) and on-device bin counts of every gradient, weight and recorded
+        activation of ``sub`` (the groups at indices ``idx``; under FSDP2: this rank's shards)."""
         hist_tags: list[str] = []
         hists: list[torch.Tensor] = []
-        for g in sub:
-            for k, p in enumerate(g.params):
-                suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
+        for i, g in zip(idx, sub):
+            for pname, p in zip(self._param_names[i], g.params):
+                suffix = f"{g.name}/{pname}" if pname else g.name
                 if p.grad is not None:
                     hist_tags.append(f"hist_grad/{suffix}")
-                    hists.append(histogram(p.grad, self.histogram_bins))
+                    hists.append(histogram(local(p.grad), self.histogram_bins))
                 hist_tags.append(f"hist_weight/{suffix}")
-                hists.append(histogram(p, self.histogram_bins))
+                hists.append(histogram(local(p), self.histogram_bins))
         for i, h in self._act_hists.items():
             hist_tags.append(f"hist_act/{self.groups[i].name}")
             hists.append(h)
@@ -389,15 +436,32 @@ class GradientMonitor(Callback):
         for f in findings:
             if self.warn:
                 rank_zero_warn(f"gradguard: {f.message}")
-            log_text(trainer, "gradguard/findings", f"[{f.kind}] {f.message}", step=f.step)  # flushes
+            log_markdown(trainer, "gradguard/findings", findings_markdown([f]), step=f.step)  # flushes
+
+    def _add_column(self, step: int, norms: dict[str, float], ratios: dict[str, float]) -> None:
+        """One heatmap column per logging step; past HEATMAP_COLUMNS every other column is dropped and from
+        then on only every other logging step is kept (memory stays bounded on long runs)."""
+        self._seen_log_steps += 1
+        if (self._seen_log_steps - 1) % self._thin:
+            return
+        self._columns.append((step, norms, ratios))
+        if len(self._columns) > HEATMAP_COLUMNS:
+            self._columns = self._columns[::2]
+            self._thin *= 2
 
     def _draw(self, trainer: "pl.Trainer", step: int) -> None:
         if not self._last_norms or not trainer.is_global_zero:
             return
-        from lightning_gradguard.figures import gradient_flow_image
+        from lightning_gradguard.figures import gradient_flow_image, gradient_heatmap_image
 
         img = gradient_flow_image(self._last_names, self._last_norms, f"gradient flow, step {step}", self._history[:-1])
         log_image(trainer, "gradguard/gradient_flow", img, step)
+        names = self._last_names
+        steps = [c[0] for c in self._columns]
+        heat = gradient_heatmap_image(
+            names, steps, [[c[1].get(n) for c in self._columns] for n in names],
+            [[c[2].get(n) for c in self._columns] for n in names], f"gradients by layer and step, up to step {step}")
+        log_image(trainer, "gradguard/heatmap", heat, step)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
@@ -405,7 +469,8 @@ class GradientMonitor(Callback):
         if self.detect:
             summary = self.detector.summary()
             rank_zero_info(summary)
-            log_text(trainer, "gradguard/summary", summary, step=trainer.global_step)
+            md = summary_markdown(self.detector.findings) if self.detector.findings else summary
+            log_markdown(trainer, "gradguard/summary", md, step=trainer.global_step)
         flush(trainer)
 
     # ------------------------------------------------------------------------------- state
@@ -415,3 +480,64 @@ class GradientMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self._nf_reported = bool(state_dict.get("nonfinite_reported", False))
+
+
+LAYER_COLUMNS = ("layer", "type", "activation", "init", "frozen")
+FINDING_COLUMNS = ("step", "layer", "kind", "finding", "what to do")
+
+
+def _param_names(group: Any) -> list[str]:
+    """Each parameter's own name (``weight``, ``bias``, ``weight_ih_l0``, ...) in the group's order."""
+    own = {id(p): n for n, p in group.module.named_parameters(recurse=False)}
+    names = [own.get(id(p), str(k)) for k, p in enumerate(group.params)]
+    if len(names) == 1 and group.name.endswith("." + names[0]):
+        return [""]  # per_parameter=True: the group is already named after its parameter
+    return names
+
+
+def _init_schemes(trainer: "pl.Trainer") -> dict[str, str]:
+    """Layer name -> init scheme applied, from the WeightInitialization callbacks on the Trainer (GradGuard's too)."""
+    from lightning_gradguard.callbacks.weight_init import WeightInitialization
+
+    found: dict[str, str] = {}
+    for cb in trainer.callbacks:
+        for c in (cb, *getattr(cb, "subs", {}).values()):
+            if isinstance(c, WeightInitialization):
+                for r in c.records:
+                    found[r.layer] = r.scheme
+    # after BatchNormInsertion a layer lives on as `<name>.layer` inside its wrapper
+    return {**found, **{f"{k}.layer": v for k, v in found.items()}}
+
+
+def _split_message(f: Finding) -> tuple[str, str]:
+    """A finding's message without its ``step N:`` prefix and without the remedy (its own column)."""
+    msg = f.message
+    prefix = f"step {f.step}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    remedy = REMEDY.get(f.kind, "")
+    if remedy and msg.endswith("; " + remedy):
+        msg = msg[: -len(remedy) - 2]
+    return msg, remedy or "-"
+
+
+def findings_markdown(findings: list[Finding]) -> str:
+    """Findings as a markdown table: step, layer, kind, finding, what to do (``gradguard report`` reads it back)."""
+    rows = []
+    for f in findings:
+        msg, remedy = _split_message(f)
+        rows.append((str(f.step), f"`{f.layer}`", f.kind, msg, remedy))
+    return markdown_table(FINDING_COLUMNS, rows)
+
+
+def summary_markdown(findings: list[Finding]) -> str:
+    """The end-of-fit summary: one row per (kind, layer) with how often and when first seen."""
+    seen: dict[tuple[str, str], list[Finding]] = {}
+    for f in findings:
+        seen.setdefault((f.kind, f.layer), []).append(f)
+    rows = []
+    for (kind, layer), fs in seen.items():
+        msg, remedy = _split_message(fs[0])
+        rows.append((kind, f"`{layer}`", str(len(fs)), str(fs[0].step), msg, remedy))
+    head = ("kind", "layer", "times", "first step", "finding", "what to do")
+    return f"**{len(findings)} findings**\n\n" + markdown_table(head, rows)

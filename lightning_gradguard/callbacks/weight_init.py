@@ -12,6 +12,7 @@ from lightning_gradguard._validation import check_bool, check_choice, check_numb
 from lightning_gradguard.callbacks._common import run_when_model_exists, sample_batch_provider
 from lightning_gradguard.callbacks._lightning_internals import checkpoint_path_in_setup
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
+from lightning_gradguard.distributed import broadcast_object, check_strategy
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
     initialize,
@@ -108,6 +109,7 @@ class WeightInitialization(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" or getattr(pl_module, _DONE_ATTR, False):
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         run_surgery_first(trainer, pl_module, stage)  # init must see the final layers and activations
         self.resumed_from = checkpoint_path_in_setup(trainer)
         if self.resumed_from:  # a trained model is never re-initialized
@@ -121,7 +123,7 @@ class WeightInitialization(Callback):
                 pl_module, self.scheme, distribution=self.distribution, scale=self.scale, mode=self.mode,
                 vs_distribution=self.vs_distribution, gain=self.gain, bias=self.bias, overrides=self.overrides,
                 exclude=self.exclude, strict=self.strict, seed=self.seed,
-                sample_input=sample() if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,
+                sample_input=broadcast_object(sample()) if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,
                 lsuv_max_iters=self.lsuv_max_iters, force=self.force,
             )
             setattr(pl_module, _DONE_ATTR, True)

@@ -3,7 +3,6 @@ a zoo of model types, LightningCLI, and diagnostics that meet an exotic module."
 
 from __future__ import annotations
 
-import json
 
 import lightning.pytorch as pl
 import pytest
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import (
     ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization,
 )
+from lightning_gradguard._text import parse_markdown_table
 from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
 from tests.helpers import load_events, read_texts
 
@@ -235,9 +235,9 @@ def test_model_zoo(tmp_path, name):
     events = load_events(trainer.logger.log_dir)
     assert len(events.Scalars("gradguard/clip/norm_before")) == 3
     assert any(t.startswith("grad_norm/") for t in events.Tags()["scalars"])
-    layers = json.loads(read_texts(events, "gradguard/layers")[0].strip())
+    layers = parse_markdown_table(read_texts(events, "gradguard/layers")[0])
     if name == "frozen":
-        assert {"name": "body.pretrained", "frozen": True}.items() <= next(l for l in layers if l["name"] == "body.pretrained").items()
+        assert {"layer": "body.pretrained", "frozen": "yes"}.items() <= next(l for l in layers if l["layer"] == "body.pretrained").items()
         assert all(not t.endswith("/body.pretrained") for t in events.Tags()["scalars"] if t.startswith("grad_norm/"))
 
 
