@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "InitRecord": "lightning_gradguard.init",
     "find_layers": "lightning_gradguard.graph",
     "LayerInfo": "lightning_gradguard.graph",
+    "register_activation": "lightning_gradguard.activations",
     "broadcast_object": "lightning_gradguard.distributed",
     "reduce_sum_max": "lightning_gradguard.distributed",
     "check_strategy": "lightning_gradguard.distributed",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         PercentileClipper, ZScoreClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
         global_norm,
     )
+    from lightning_gradguard.activations import register_activation
     from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector

@@ -1,8 +1,26 @@
 """One vocabulary of activation names, shared by the models, init, surgery and statistics.
 
-``identify_activation`` maps an activation *module* or *function* to ``(name, slope)``; ``make_activation``
-builds a module from a name. Names: relu, leaky_relu, prelu, rrelu, elu, selu, gelu, silu, sigmoid, tanh,
-softmax, log_softmax, linear.
+``activation_module_name`` maps an activation *module* to its family name, ``activation_function_name`` a
+*function*; ``make_activation`` builds a module from a name. Names: relu, relu6, leaky_relu, prelu, rrelu,
+elu, selu, gelu, silu, hardswish, mish, sigmoid, tanh, softmax, log_softmax, linear.
+
+Modules are recognised by class, subclasses included (``isinstance``), from a registry that covers torch's
+whole ``nn.modules.activation`` and, by qualified class name (so neither library is imported), Hugging
+Face's ``transformers.activations`` (what ``ACT2FN``/``get_activation`` return) and timm's
+``timm.layers.activations*`` (what ``get_act_layer`` returns). A composite activation is named by what it
+computes, not by the functions it calls: ``NewGELUActivation`` (``gelu_new``, built on ``torch.tanh``) is
+``gelu``, ``QuickGELU`` is ``gelu``, Swish is ``silu``. Users extend the registry with
+:func:`register_activation` (a class, a qualified class name, or a plain function).
+
+Example:
+    >>> activation_module_name(nn.Hardswish())
+    'hardswish'
+    >>> class MyGELU(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * torch.sigmoid(1.702 * x)
+    >>> register_activation(MyGELU, "gelu")
+    >>> activation_module_name(MyGELU())
+    'gelu'
 """
 
 from __future__ import annotations
@@ -21,7 +39,13 @@ RELU_FAMILY = ("relu", "relu6")
 #: saturating activations and their output bounds
 SATURATING_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 
-_MODULE_NAMES: dict[type, str] = {
+#: every family name the registry may map to
+FAMILY_NAMES = (
+    "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "gelu", "silu", "hardswish", "mish", "sigmoid",
+    "tanh", "softmax", "log_softmax", "linear",
+)
+
+_MODULE_NAMES: dict[Any, str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
     nn.LeakyReLU: "leaky_relu",
@@ -32,13 +56,50 @@ _MODULE_NAMES: dict[type, str] = {
     nn.SELU: "selu",
     nn.GELU: "gelu",
     nn.SiLU: "silu",
-    nn.Mish: "silu",
+    nn.Mish: "mish",
+    nn.Hardswish: "hardswish",
     nn.Sigmoid: "sigmoid",
     nn.Hardsigmoid: "sigmoid",
+    nn.LogSigmoid: "log_softmax",  # (-inf, 0): no saturation bounds
     nn.Tanh: "tanh",
-    nn.Hardtanh: "tanh",
+    nn.Hardtanh: "tanh",  # ReLU6 subclasses Hardtanh, but its own entry comes first in its MRO
+    nn.Tanhshrink: "linear",
+    nn.Softsign: "tanh",
+    nn.Softplus: "relu",
+    nn.Threshold: "relu",
+    nn.Softshrink: "linear",
+    nn.Hardshrink: "linear",
+    nn.GLU: "linear",  # a gated product, unbounded
     nn.Softmax: "softmax",
+    nn.Softmax2d: "softmax",
+    nn.Softmin: "softmax",
     nn.LogSoftmax: "log_softmax",
+    # Hugging Face transformers.activations (ACT2FN), by qualified name: transformers is not imported
+    "transformers.activations.GELUActivation": "gelu",
+    "transformers.activations.NewGELUActivation": "gelu",
+    "transformers.activations.GELUTanh": "gelu",
+    "transformers.activations.PytorchGELUTanh": "gelu",
+    "transformers.activations.FastGELUActivation": "gelu",
+    "transformers.activations.QuickGELUActivation": "gelu",
+    "transformers.activations.ClippedGELUActivation": "gelu",
+    "transformers.activations.AccurateGELUActivation": "gelu",
+    "transformers.activations.GELUActivation1": "gelu",
+    "transformers.activations.LaplaceActivation": "gelu",
+    "transformers.activations.SiLUActivation": "silu",
+    "transformers.activations.MishActivation": "mish",
+    "transformers.activations.ReLUSquaredActivation": "relu",
+    "transformers.activations.LinearActivation": "linear",
+    "transformers.activations.XIELUActivation": "elu",
+    # timm.layers.activations / activations_me (get_act_layer), by qualified name
+    **{f"timm.layers.activations.{k}": v for k, v in {
+        "Swish": "silu", "Mish": "mish", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish",
+        "HardSigmoid": "sigmoid", "HardMish": "mish", "GELU": "gelu", "GELUTanh": "gelu", "QuickGELU": "gelu",
+        "PReLU": "prelu",
+    }.items()},
+    **{f"timm.layers.activations_me.{k}": v for k, v in {
+        "SwishMe": "silu", "MishMe": "mish", "HardSigmoidMe": "sigmoid", "HardSwishMe": "hardswish",
+        "HardMishMe": "mish",
+    }.items()},
 }
 
 _FUNCTION_NAMES: dict[Any, str] = {
@@ -56,7 +117,11 @@ _FUNCTION_NAMES: dict[Any, str] = {
     torch.selu: "selu",
     F.gelu: "gelu",
     F.silu: "silu",
-    F.mish: "silu",
+    F.mish: "mish",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "sigmoid",
+    F.hardtanh: "tanh",
+    F.softplus: "relu",
     torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid",
     torch.tanh: "tanh",
@@ -79,9 +144,57 @@ _METHOD_NAMES = {
 }
 
 
+_TYPE_CACHE: dict[type, Optional[str]] = {}
+
+
+def register_activation(activation: Any, name: str) -> None:
+    """Teach gradguard an activation: a module class (subclasses included), a qualified class name
+    (``"my_lib.layers.FancyGELU"``, so the library need not be imported), or a function (recognised where
+    it is called in a traced ``forward``; fx then treats it as one call instead of tracing into it).
+
+    ``name`` is the family whose init, dead-unit and saturation rules apply.
+
+    Raises:
+        ValueError: ``name`` is not a family name.
+
+    Example:
+        >>> register_activation("my_lib.layers.FancyGELU", "gelu")
+    """
+    if name not in FAMILY_NAMES:
+        raise ValueError(f"register_activation: name={name!r} is not one of: {', '.join(FAMILY_NAMES)}")
+    if isinstance(activation, (type, str)):
+        _MODULE_NAMES[activation] = name
+        _TYPE_CACHE.clear()
+    elif callable(activation):
+        _FUNCTION_NAMES[activation] = name
+        _CUSTOM_FUNCTIONS.append(activation)
+    else:
+        raise ValueError(f"register_activation: activation={activation!r} is not a class, a class name or a function")
+
+
+#: functions registered by users (fx does not trace into them)
+_CUSTOM_FUNCTIONS: list[Callable[..., Any]] = []
+
+
+def custom_activation_functions() -> tuple[Callable[..., Any], ...]:
+    return tuple(_CUSTOM_FUNCTIONS)
+
+
 def activation_module_name(module: nn.Module) -> Optional[str]:
-    """The vocabulary name of an activation module, or ``None`` if ``module`` is no activation."""
-    return _MODULE_NAMES.get(type(module))
+    """The family name of an activation module, or ``None`` if ``module`` is no activation.
+
+    The most specific registered class in the module's MRO decides (``ReLU6`` before ``Hardtanh``).
+    """
+    cls = type(module)
+    if cls in _TYPE_CACHE:
+        return _TYPE_CACHE[cls]
+    found = None
+    for base in cls.__mro__:
+        found = _MODULE_NAMES.get(base) or _MODULE_NAMES.get(f"{base.__module__}.{base.__qualname__}")
+        if found is not None:
+            break
+    _TYPE_CACHE[cls] = found
+    return found
 
 
 def activation_function_name(fn: Any) -> Optional[str]:
@@ -121,7 +234,7 @@ def negative_slope(module: Optional[nn.Module], name: str, args: tuple = (), kwa
 #: functional forms, to apply a layer's activation to its output when the activation is no module
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "elu": F.elu, "selu": F.selu,
-    "gelu": F.gelu, "silu": F.silu,
+    "gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish, "mish": F.mish, "leaky_relu": F.leaky_relu,
 }
 
 

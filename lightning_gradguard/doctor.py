@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
+from lightning_gradguard.graph import model_input
 from lightning_gradguard.init import initialize
 from lightning_gradguard.stats import (
-    activation_hook_target, activation_statistics, grad_statistics, layer_groups, to_host, unit_dim_for,
+    activation_hook_target, activation_statistics, shared_activations, grad_statistics, layer_groups, to_host, unit_dim_for,
 )
 from lightning_gradguard.surgery import insert_batchnorm, replace_activations
 
@@ -128,8 +129,10 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
     """Forward/backward passes on ``batches`` (no optimizer step); the model, its gradients, BN running
     statistics and every RNG are left exactly as they were."""
     state = _State(model)
-    groups = [g for g in layer_groups(model) if g.info is not None and not g.frozen]
+    first = batches[0] if len(batches) else None
+    groups = [g for g in layer_groups(model, sample_input=model_input(first)) if g.info is not None and not g.frozen]
     modules = dict(model.named_modules())
+    shared = shared_activations(groups)
     sums = {g.name: 0.0 for g in groups}
     sat: dict[str, list[float]] = {}
     dead: dict[str, list[float]] = {}
@@ -139,7 +142,7 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
         act = g.activation
         if act not in RELU_FAMILY and act not in SATURATING_BOUNDS:
             continue
-        target, fn = activation_hook_target(g, modules)
+        target, fn = activation_hook_target(g, modules, shared)
 
         def hook(mod, inp, out, g=g, act=act, fn=fn):
             y = out[0] if isinstance(out, (tuple, list)) else out
@@ -182,7 +185,7 @@ def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: 
     if "batchnorm" in remedies:
         insert_batchnorm(model, **remedies["batchnorm"])
     if "init" in remedies:
-        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed)
+        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)))
 
 
 def trial(

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.activations import (
     activation_function_name,
+    custom_activation_functions,
     activation_method_name,
     activation_module_name,
     negative_slope,
@@ -51,17 +52,47 @@ WEIGHTED_TYPES: tuple[type, ...] = (
     nn.MultiheadAttention,
 )
 
+#: linear layers of other libraries, by qualified class name (the library is not imported): Hugging Face's
+#: ``Conv1D`` (GPT-2, ...) is a Linear whose weight is stored transposed, ``(in, out)``
+TRANSPOSED_LINEAR_NAMES: tuple[str, ...] = ("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D")
+
 NORM_TYPES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, and subclasses with children
     nn.LayerNorm,
     nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
     nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+#: class-name endings of normalization layers that subclass none of the above (``LlamaRMSNorm``,
+#: ``T5LayerNorm``, timm's ``LayerNorm2d`` subclasses ``nn.LayerNorm`` already)
+NORM_NAME_SUFFIXES = ("RMSNorm", "LayerNorm", "BatchNorm", "GroupNorm", "LayerNorm2d")
+
+_WEIGHTED_CACHE: dict[type, bool] = {}
+
+
+def _qualnames(cls: type) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Linear whose weight is ``(in, out)``: Hugging Face's ``Conv1D``."""
+    return not isinstance(module, nn.Linear) and bool(_qualnames(type(module)) & set(TRANSPOSED_LINEAR_NAMES))
 
 
 def is_weighted(module: nn.Module) -> bool:
-    return isinstance(module, WEIGHTED_TYPES)
+    """A layer gradguard initializes, clips per unit and reports: torch's weighted layers (subclasses
+    included) and Hugging Face's ``Conv1D``."""
+    cls = type(module)
+    if cls not in _WEIGHTED_CACHE:
+        _WEIGHTED_CACHE[cls] = issubclass(cls, WEIGHTED_TYPES) or is_transposed_linear(module)
+    return _WEIGHTED_CACHE[cls]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: any ``_NormBase``/``LayerNorm``/``GroupNorm``/``RMSNorm`` subclass, with
+    children or not (timm's ``BatchNormAct2d``), or a class named ``...RMSNorm``/``...LayerNorm``
+    (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith(NORM_NAME_SUFFIXES)
 
 
 @dataclass
@@ -90,6 +121,8 @@ class LayerInfo:
         m = self.module
         if isinstance(m, nn.Linear):
             return f"Linear {m.in_features}→{m.out_features}"
+        if is_transposed_linear(m):
+            return f"{self.kind} {m.weight.shape[0]}→{m.weight.shape[1]}"
         if isinstance(m, nn.modules.conv._ConvNd):
             k = "x".join(str(s) for s in m.kernel_size)
             return f"{self.kind} {m.in_channels}→{m.out_channels} {k}"
@@ -105,16 +138,20 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
 
     Args:
         model: any ``nn.Module``.
-        sample_input: a batch (tensor, or tuple of positional arguments) for the ``trace`` fallback, or a
+        sample_input: a batch for the ``trace`` fallback: a tensor, a tuple of positional arguments, a
+            dict of keyword arguments (Hugging Face style ``{"input_ids": ..., "attention_mask": ...}``;
+            passed as ``model(**batch)``, or as ``model(batch)`` if the model takes one argument), or a
             zero-argument callable returning one (called only if needed); optional.
+
+    Layers that tracing cannot see are added after it: the ``out_proj`` of ``nn.MultiheadAttention`` and
+    the Linear layers of ``nn.TransformerEncoderLayer``/``DecoderLayer`` (fx leaves, and run by a fused
+    kernel in inference), with the activation the container applies (``linear1``) or none.
         method: ``"auto"`` (fx, then trace, then modules), or force one of ``"fx"``, ``"trace"``, ``"modules"``.
             A model with ``DTensor`` (FSDP2-sharded) parameters skips fx under ``"auto"``: ``"trace"`` then
             runs a real forward, which every rank must run together.
     """
     if method not in ("auto", "fx", "trace", "modules"):
         raise ValueError(f"find_layers: method={method!r} is not one of: auto, fx, trace, modules")
-    if callable(sample_input) and not isinstance(sample_input, (torch.Tensor, nn.Module)):
-        sample_input = sample_input()  # a lazy batch provider: only called when a batch is needed
     layers: Optional[list[LayerInfo]] = None
     if getattr(type(model).forward, "__name__", "") == "_forward_unimplemented" and method == "auto":
         return _with_recurrent(_from_module_order(model))  # e.g. a LightningModule using self.net directly
@@ -124,11 +161,94 @@ def find_layers(model: nn.Module, sample_input: Any = None, method: str = "auto"
         layers = _from_fx(model)
         if layers is None and method == "fx":
             raise RuntimeError("find_layers: torch.fx could not trace the model")
-    if layers is None and sample_input is not None and method in ("auto", "trace"):
-        layers = _from_trace(model, sample_input)
+    if layers is None and method in ("auto", "trace"):
+        if callable(sample_input) and not isinstance(sample_input, (torch.Tensor, nn.Module)):
+            sample_input = sample_input()  # a lazy batch provider: only called when a batch is needed
+        if sample_input is not None:
+            layers = _from_trace(model, sample_input)
     if layers is None:
         layers = _from_module_order(model)
-    return _with_recurrent(layers)
+    return _with_recurrent(_add_missed(model, layers))
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Tied parameters: ``id(parameter)`` → the paths of every module that holds it directly, in
+    registration order, for each parameter held by two modules or more (GPT-2's ``wte`` and ``lm_head``,
+    T5's ``shared`` and ``embed_tokens``).
+
+    Example:
+        >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> list(shared_parameters(nn.ModuleDict({"emb": emb, "head": head})).values())
+        [['emb', 'head']]
+    """
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        path = name.rpartition(".")[0]
+        paths = holders.setdefault(id(p), [])
+        if path not in paths:
+            paths.append(path)
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
+def model_input(batch: Any) -> Any:
+    """The model's input in a training batch: the first element of an ``(x, y)`` tuple or list, the
+    whole batch otherwise (a tensor, or a dict of keyword arguments)."""
+    return batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+
+
+def call_with_batch(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch as its ``forward`` expects: a tuple as positional arguments, a dict as
+    keyword arguments (or as one argument when ``forward`` does not take its keys), else one argument."""
+    if isinstance(batch, tuple):
+        return model(*batch)
+    if isinstance(batch, dict):
+        import inspect
+
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if takes_kwargs or (batch and all(str(k) in params for k in batch)):
+            return model(**batch)
+    return model(batch)
+
+
+def _add_missed(model: nn.Module, layers: list[LayerInfo]) -> list[LayerInfo]:
+    """Weighted modules inside other weighted layers or torch containers that tracing treated as one call.
+
+    Each is placed right after the found layer registered before it. ``linear1`` of a Transformer
+    encoder/decoder layer gets the container's activation; everything else (``out_proj``, ``linear2``)
+    is linear.
+    """
+    found = {info.name for info in layers}
+    missed = [(n, m) for n, m in model.named_modules() if n and n not in found and is_weighted(m)]
+    if not missed:
+        return layers
+    modules = dict(model.named_modules())
+    registration = {n: i for i, n in enumerate(modules)}
+    out = list(layers)
+    for name, mod in missed:
+        parent_path, _, leaf = name.rpartition(".")
+        parent = modules.get(parent_path)
+        act, slope, where = "linear", 0.0, None
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and leaf == "linear1":
+            fn = parent.activation
+            act = (activation_module_name(fn) if isinstance(fn, nn.Module) else activation_function_name(fn)) or "unknown"
+            slope = negative_slope(fn if isinstance(fn, nn.Module) else None, act)
+            where = f"{parent_path}.activation" if isinstance(fn, nn.Module) else getattr(fn, "__name__", None)
+        elif not isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            act = "unknown"  # somewhere tracing did not go: nothing says what follows
+        rank = registration[name]
+        at = 0
+        for i, info in enumerate(out):
+            if registration.get(info.name, -1) < rank:
+                at = i + 1
+        out.insert(at, LayerInfo(name, mod, act, slope, "modules", where))
+    for i, info in enumerate(out):
+        info.order = i
+    return out
 
 
 def _with_recurrent(layers: list[LayerInfo]) -> list[LayerInfo]:
@@ -149,7 +269,7 @@ def _from_fx(model: nn.Module) -> Optional[list[LayerInfo]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = _Tracer().trace(model)
+            graph = _Tracer(autowrap_functions=custom_activation_functions()).trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the fallback"
         return None
     modules = dict(model.named_modules())
@@ -247,24 +367,32 @@ def _from_trace(model: nn.Module, sample_input: Any) -> Optional[list[LayerInfo]
 
             handles.append(mod.register_forward_hook(_done))
         elif activation_module_name(mod) is not None:
+            # a composite activation (gelu_new = x·(1+tanh(...))) is named by its module, not by its calls
+            handles.append(mod.register_forward_pre_hook(lambda m, a: setattr(recorder, "inside_layer", recorder.inside_layer + 1)))
 
             def _act(m, a, o, name=name):
+                recorder.inside_layer -= 1
                 if recorder.inside_layer == 0:
                     act = activation_module_name(m)
                     events.append(("act", act, negative_slope(m, act), name))
 
             handles.append(mod.register_forward_hook(_act))
     was_training = model.training
+    mha = getattr(torch.backends, "mha", None)
+    fast_path = mha.get_fastpath_enabled() if mha is not None else None
     try:
         model.eval()
+        if mha is not None:
+            mha.set_fastpath_enabled(False)  # the fused encoder kernel would skip the Linear layers' hooks
         with torch.no_grad(), recorder:
-            args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
-            model(*args)
+            call_with_batch(model, sample_input)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"gradguard: a forward pass on the sample input failed ({err!r}); using module order", stacklevel=2)
         return None
     finally:
         model.train(was_training)
+        if mha is not None:
+            mha.set_fastpath_enabled(fast_path)
         for h in handles:
             h.remove()
     layers: list[LayerInfo] = []
@@ -277,7 +405,6 @@ def _from_trace(model: nn.Module, sample_input: Any) -> Optional[list[LayerInfo]
         for later in events[i + 1 :]:
             if later[0] == "layer":
                 break
-            # a module activation records its inner function call first and its module hook second
             act, slope, where = later[1], later[2], later[3]
             break
         layers.append(LayerInfo(event[1], event[2], act, slope, "trace", where, len(layers)))
@@ -302,4 +429,7 @@ def _from_module_order(model: nn.Module) -> list[LayerInfo]:
     return layers
 
 
-__all__ = ["LayerInfo", "find_layers", "is_weighted", "WEIGHTED_TYPES", "NORM_TYPES"]
+__all__ = [
+    "LayerInfo", "find_layers", "is_weighted", "is_norm", "shared_parameters", "is_transposed_linear", "call_with_batch", "model_input", "WEIGHTED_TYPES",
+    "NORM_TYPES",
+]

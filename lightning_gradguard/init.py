@@ -24,7 +24,14 @@ Glorot for tanh, sigmoid, softmax and none; He for ReLU, LeakyReLU/PReLU/RReLU (
 negative slope a), ELU, GELU, SiLU; LeCun for SELU; RNN/LSTM/GRU input weights Glorot and recurrent
 weights orthogonal, per gate block. A layer whose activation cannot be found gets Glorot (Keras's Dense
 default) and is listed with activation ``unknown``. Embeddings are left as they are unless an override
-names them. Parameters with ``requires_grad=False`` are never touched.
+names them. Parameters with ``requires_grad=False`` are never touched. Hugging Face's ``Conv1D`` (GPT-2)
+is a Linear with its weight stored ``(in, out)``.
+
+Weights that are not fresh from construction are kept unless ``force=True``: adapters (``lora_*``), layers
+of a Hugging Face model loaded with ``from_pretrained``, and weights that look trained (see
+:mod:`lightning_gradguard.pretrained`); the table says which and why. A tied parameter (GPT-2's ``wte`` and
+``lm_head``) is initialized once, by the layer that owns it: the embedding if one holds it (so it is kept,
+as embeddings are), else the first holder in forward order; the other holders list it as tied.
 
 Sharded parameters (FSDP2 ``DTensor``): fans come from the global shape, and every rank fills the full tensor
 with the same generator and keeps its own shard, so the result equals initializing the unsharded model with
@@ -52,7 +59,8 @@ from torch import nn
 from lightning_gradguard._text import text_table
 from lightning_gradguard._validation import check_choice, check_number
 from lightning_gradguard.distributed import any_dtensor, full_tensor, materialized
-from lightning_gradguard.graph import LayerInfo, find_layers
+from lightning_gradguard.graph import LayerInfo, find_layers, is_transposed_linear, shared_parameters
+from lightning_gradguard.pretrained import keep_reason, loaded_prefixes
 
 #: Keras's constant: std of a standard normal truncated to [-2, 2]
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -73,7 +81,7 @@ AUTO_DISTRIBUTIONS = ("normal", "uniform")
 BIAS_POLICIES = ("zeros", "ones", "keep")
 
 GLOROT_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "log_softmax", "linear", "unknown")
-HE_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "gelu", "silu")
+HE_ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "gelu", "silu", "hardswish", "mish")
 LECUN_ACTIVATIONS = ("selu",)
 
 
@@ -94,6 +102,8 @@ def compute_fans(module: nn.Module, weight: Optional[torch.Tensor] = None, block
         (75, 400)
     """
     w = weight if weight is not None else module.weight
+    if is_transposed_linear(module):
+        return w.shape[0], w.shape[1]  # Hugging Face Conv1D: (in, out)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         rf = math.prod(w.shape[2:])
         return w.shape[0] * rf // module.groups, w.shape[1] * rf
@@ -243,6 +253,7 @@ def initialize(
     lsuv_tol: float = 0.1,
     lsuv_max_iters: int = 10,
     layers: Optional[list[LayerInfo]] = None,
+    force: bool = False,
 ) -> list[InitRecord]:
     """Initialize every weighted layer of ``model`` in place; return one :class:`InitRecord` per layer.
 
@@ -257,6 +268,8 @@ def initialize(
         strict: raise if an override or exclude pattern matches no layer.
         seed: seeds a private generator (else Lightning's ``PL_GLOBAL_SEED`` if set, else torch's RNG).
         sample_input: a batch, for the activation-finding fallback and for ``lsuv``.
+        force: also re-initialize weights that look loaded, trained or adapter-owned (see the module
+            docstring); tied parameters are still initialized once, by their owner.
 
     Raises:
         ValueError: bad argument, or (``strict``) a pattern matching no layer.
@@ -287,9 +300,14 @@ def initialize(
     first = next(iter(model.parameters()), None)
     generator = _seed_generator(seed, first.device if first is not None else torch.device("cpu"))
     records: list[InitRecord] = []
+    tied = _tied_owners(model, layers)
+    kept = {} if force else kept_layers(model, layers)
     for info in layers:
         if _matches(info.name, exclude):
             records.append(_record(info, "-", 0, 0.0, "excluded"))
+            continue
+        if info.name in kept:
+            records.append(_record(info, "-", 0, 0.0, f"kept: {kept[info.name]} (force=True re-initializes)"))
             continue
         layer_scheme, layer_scale = scheme, scale
         hit = _matches(info.name, list(overrides))
@@ -304,8 +322,9 @@ def initialize(
                 layer_scheme = "orthogonal"
         if layer_scheme in ("he_uniform", "he_normal"):
             layer_scale = 2.0 / (1.0 + info.slope**2)
+        skip = {pid: owner for pid, owner in tied.items() if owner != info.name}
         records.append(
-            _init_layer(info, layer_scheme, layer_scale, mode, vs_distribution, gain, bias, generator, auto=scheme == "auto")
+            _init_layer(info, layer_scheme, layer_scale, mode, vs_distribution, gain, bias, generator, auto=scheme == "auto", skip=skip)
         )
     if scheme == "lsuv":
         if sample_input is None:
@@ -314,6 +333,51 @@ def initialize(
 
         lsuv_rescale_(model, layers, records, sample_input, tol=lsuv_tol, max_iters=lsuv_max_iters)
     return records
+
+
+def kept_layers(model: nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> dict[str, str]:
+    """Layers whose weights ``initialize`` keeps unless ``force=True``: name → why (loaded by
+    ``from_pretrained``, an adapter, or trained; see :mod:`lightning_gradguard.pretrained`).
+
+    Example:
+        >>> kept_layers(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+        {}
+    """
+    layers = find_layers(model) if layers is None else layers
+    loaded = loaded_prefixes(model)
+    out = {}
+    for info in layers:
+        if any(info.name == p or info.name.startswith(f"{p}.") or not p for p in loaded):
+            out[info.name] = "loaded by from_pretrained"
+            continue
+        reason = _keep_reason(info)
+        if reason is not None:
+            out[info.name] = reason
+    return out
+
+
+def _tied_owners(model: nn.Module, layers: Sequence[LayerInfo]) -> dict[int, str]:
+    """``id(parameter)`` → the layer that initializes a tied parameter: an embedding holding it, else the
+    first holder in forward order."""
+    order = {info.name: i for i, info in enumerate(layers)}
+    kinds = {info.name: info.module for info in layers}
+    owners = {}
+    for pid, paths in shared_parameters(model).items():
+        known = sorted((p for p in paths if p in order), key=order.__getitem__)
+        if not known:
+            continue
+        embeddings = [p for p in known if isinstance(kinds[p], nn.Embedding)]
+        owners[pid] = (embeddings or known)[0]
+    return owners
+
+
+def _keep_reason(info: LayerInfo) -> Optional[str]:
+    for pname, p in info.module.named_parameters(recurse=False):
+        if p.requires_grad and (p.dim() >= 2 or any(m in info.name.lower() for m in ("lora_", "ia3_", "adapter_"))):
+            reason = keep_reason(p, f"{info.name}.{pname}")
+            if reason is not None:
+                return reason
+    return None
 
 
 def _record(info: LayerInfo, scheme: str, fan: int, target: float, note: str, shape: Any = None) -> InitRecord:
@@ -327,14 +391,16 @@ def _record(info: LayerInfo, scheme: str, fan: int, target: float, note: str, sh
 
 def _init_layer(
     info: LayerInfo, scheme: str, scale: float, mode: str, vs_distribution: str, gain: float, bias: str,
-    generator: Optional[torch.Generator], auto: bool,
+    generator: Optional[torch.Generator], auto: bool, skip: Optional[Mapping[int, str]] = None,
 ) -> InitRecord:
     m = info.module
     opts = dict(scale=scale, mode=mode, distribution=vs_distribution, gain=gain)
     target, fan, note = 0.0, 0, ""
     frozen = [n for n, p in m.named_parameters(recurse=False) if not p.requires_grad]
+    skip = skip or {}
+    tied = [f"{n} tied to {skip[id(p)]}" for n, p in m.named_parameters(recurse=False) if id(p) in skip]
     for pname, p in m.named_parameters(recurse=False):
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in skip:
             continue
         if pname.startswith("bias") or pname in ("in_proj_bias",):
             if bias != "keep":
@@ -359,6 +425,10 @@ def _init_layer(
                     target, fan = t, n
     if frozen:
         note = f"frozen kept: {', '.join(frozen)}"
+    if tied:
+        note = "; ".join([*([note] if note else []), f"{', '.join(tied)} (initialized there)"])
+        if not target:
+            scheme = "-"
     if isinstance(m, nn.RNNBase) and auto:
         scheme = f"{scheme} (+orthogonal recurrent)"
     w = getattr(m, "weight", None)
@@ -372,6 +442,6 @@ def _init_layer(
 
 
 __all__ = [
-    "initialize", "variance_scaling_", "compute_fans", "auto_scheme", "format_table", "InitRecord",
+    "initialize", "kept_layers", "variance_scaling_", "compute_fans", "auto_scheme", "format_table", "InitRecord",
     "SCHEMES", "NAMED_SCHEMES", "TRUNCATED_NORMAL_STD",
 ]

@@ -12,14 +12,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lightning_gradguard.graph import LayerInfo
+from lightning_gradguard.graph import LayerInfo, call_with_batch
 
 
 class _Stop(Exception):
     pass
 
 
-def _output_variance(model: nn.Module, layer: nn.Module, args: tuple) -> float:
+def _output_variance(model: nn.Module, layer: nn.Module, batch: Any) -> float:
     seen: list[torch.Tensor] = []
 
     def hook(mod, inp, out):
@@ -28,7 +28,7 @@ def _output_variance(model: nn.Module, layer: nn.Module, args: tuple) -> float:
 
     handle = layer.register_forward_hook(hook)
     try:
-        model(*args)
+        call_with_batch(model, batch)
     except _Stop:
         pass
     finally:
@@ -52,7 +52,7 @@ def lsuv_rescale_(
         >>> from lightning_gradguard.init import initialize
         >>> rows = initialize(net, "lsuv", sample_input=torch.randn(64, 16), seed=0)
     """
-    args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
+    args = sample_input
     was_training = model.training
     model.eval()
     try:

@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_gradguard import distributed
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS, RELU_FAMILY, SATURATING_BOUNDS
-from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
+from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted, shared_parameters
 
 GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_max", "grad_zero_frac", "grad_nonfinite")
 ACT_STATS = ("act_mean", "act_std", "act_dead_frac", "act_saturated_frac")
@@ -43,10 +43,13 @@ class LayerGroup:
     activation_at: Optional[str] = None
     frozen: bool = False
     info: Optional[LayerInfo] = field(default=None, repr=False)
+    #: other modules holding this group's tied parameter(s) (GPT-2's ``lm_head`` for ``wte``)
+    shared_with: list[str] = field(default_factory=list)
 
     def label(self) -> str:
         after = f", after {self.activation}" if self.activation and self.activation not in ("linear", "unknown") else ""
-        return f"layer `{self.name}` ({self.description}{after})"
+        tied = f", tied with {', '.join(self.shared_with)}" if self.shared_with else ""
+        return f"layer `{self.name}` ({self.description}{after}{tied})"
 
 
 def layer_groups(model: nn.Module, per_parameter: bool = False, sample_input: Any = None) -> list[LayerGroup]:
@@ -55,10 +58,19 @@ def layer_groups(model: nn.Module, per_parameter: bool = False, sample_input: An
     Weighted layers come in the order :func:`~lightning_gradguard.graph.find_layers` finds (forward order);
     other parameter owners (normalization layers, ...) are placed right after the weighted layer registered
     before them. Frozen parameters (``requires_grad=False``) are left out; a fully frozen layer is kept with
-    ``frozen=True`` so reports can show it.
+    ``frozen=True`` so reports can show it. A tied parameter (GPT-2's ``wte``/``lm_head``) is in one group
+    only, so totals count it once: its embedding's if an embedding holds it, else its first holder's in
+    forward order; ``shared_with`` lists the other holders, and a holder left without parameters has no row.
     """
     layers = {info.name: info for info in find_layers(model, sample_input)}
     order = {name: i for i, name in enumerate(layers)}
+    tied_owner: dict[int, str] = {}
+    tied_holders: dict[int, list[str]] = {}
+    for pid, paths in shared_parameters(model).items():
+        ranked = sorted(paths, key=lambda p: order.get(p, len(order)))
+        embeddings = [p for p in ranked if isinstance(model.get_submodule(p) if p else model, nn.Embedding)]
+        tied_owner[pid] = (embeddings or ranked)[0]
+        tied_holders[pid] = paths
     owners: list[tuple[float, str, nn.Module]] = []
     last_rank = -1.0
     for name, module in model.named_modules():
@@ -77,17 +89,22 @@ def layer_groups(model: nn.Module, per_parameter: bool = False, sample_input: An
         info = layers.get(name)
         desc = info.describe() if info else type(module).__name__
         named = [(n, p) for n, p in module.named_parameters(recurse=False)]
-        trainable = [(n, p) for n, p in named if p.requires_grad]
+        named_here = [(n, p) for n, p in named if tied_owner.get(id(p), name) == name]
+        if named and not named_here:
+            continue  # every parameter is tied to, and reported with, another module
+        trainable = [(n, p) for n, p in named_here if p.requires_grad]
         act = info.activation if info else None
         where = info.activation_at if info else None
+        shared = sorted({h for _, p in named_here for h in tied_holders.get(id(p), []) if h != name})
         if not trainable:
-            groups.append(LayerGroup(name or "(root)", module, [], desc, act, where, True, info))
+            groups.append(LayerGroup(name or "(root)", module, [], desc, act, where, True, info, shared))
         elif per_parameter:
             for pname, p in trainable:
                 full = f"{name}.{pname}" if name else pname
-                groups.append(LayerGroup(full, module, [p], desc, act, where, False, info))
+                others = [h for h in tied_holders.get(id(p), []) if h != name]
+                groups.append(LayerGroup(full, module, [p], desc, act, where, False, info, others))
         else:
-            groups.append(LayerGroup(name or "(root)", module, [p for _, p in trainable], desc, act, where, False, info))
+            groups.append(LayerGroup(name or "(root)", module, [p for _, p in trainable], desc, act, where, False, info, shared))
     return groups
 
 
@@ -281,17 +298,27 @@ def to_host(*tensors: torch.Tensor) -> list[list[float]]:
 
 
 def activation_hook_target(
-    group: LayerGroup, modules: dict[str, nn.Module]
+    group: LayerGroup, modules: dict[str, nn.Module], shared: Sequence[str] = ()
 ) -> tuple[nn.Module, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
     """Where to observe a layer's activation: (module to hook, function to apply to its output).
 
-    The activation module itself when there is one; else the layer, with the activation applied to its
-    output (functional activations such as ``F.relu`` in ``forward``).
+    The activation module itself when there is one and no other layer uses it; else the layer, with the
+    activation applied to its output (functional activations such as ``F.relu`` in ``forward``, and one
+    activation module called after several layers, listed in ``shared``: see :func:`shared_activations`).
     """
     at = modules.get(group.activation_at) if group.activation_at else None
-    if at is not None:
+    if at is not None and group.activation_at not in shared:
         return at, None
     return group.module, ACTIVATION_FUNCTIONS.get(group.activation or "")
+
+
+def shared_activations(groups: Sequence[LayerGroup]) -> set[str]:
+    """Activation module paths that follow more than one layer (one ``nn.ReLU`` reused in a loop)."""
+    seen: dict[str, set[str]] = {}
+    for g in groups:
+        if g.info is not None and g.activation_at:
+            seen.setdefault(g.activation_at, set()).add(g.info.name)
+    return {path for path, layers in seen.items() if len(layers) > 1}
 
 
 def unit_dim_for(module: nn.Module) -> int:
@@ -302,5 +329,5 @@ def unit_dim_for(module: nn.Module) -> int:
 __all__ = [
     "LayerGroup", "layer_groups", "grad_statistics", "grad_moments", "grad_statistics_from", "weight_sq", "weight_norms",
     "snapshot", "update_sq", "update_ratios", "update_ratios_from",
-    "activation_statistics", "activation_statistics_batch", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
+    "activation_statistics", "activation_statistics_batch", "shared_activations", "histogram", "to_host", "GRAD_STATS", "ACT_STATS", "is_weighted",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.callbacks._lightning_internals import after_configure_model, fit_dataloader
-from lightning_gradguard.graph import is_weighted
+from lightning_gradguard.graph import is_weighted, model_input
 
 
 def has_weighted_layers(module: nn.Module) -> bool:
@@ -37,7 +37,9 @@ def train_dataloader(trainer: "pl.Trainer") -> Optional[Any]:
 
 def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Callable[[], Any]:
     """A zero-argument callable returning one model input: ``example_input_array`` if set, else the
-    first element of the first training batch (read only when the callable is called)."""
+    first training batch's input: its first element for a ``(x, y)`` tuple or list, the whole dict for a
+    dict batch (Hugging Face style; :func:`~lightning_gradguard.graph.call_with_batch` passes it as keyword
+    arguments), read only when the callable is called, with torch's and Python's random states restored."""
 
     def provide() -> Any:
         example = getattr(pl_module, "example_input_array", None)
@@ -46,11 +48,12 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         loader = train_dataloader(trainer)
         if loader is None:
             return None
-        batch = next(iter(loader))
-        if isinstance(batch, (list, tuple)):
-            batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+        import random
+
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # reading a batch (a shuffling sampler) must not move the
+            batch = model_input(next(iter(loader)))  # training's random streams
+        random.setstate(py_state)
         return batch
 
     return provide

@@ -24,6 +24,8 @@ from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_multi_process
 from lightning_gradguard.doctor import Decision, apply_remedies, clip_options, fmt, probe, trial
+from lightning_gradguard.graph import find_layers, model_input
+from lightning_gradguard.init import kept_layers
 from lightning_gradguard.reporting import log_markdown, print_table, progress_bar
 
 MODES = ("auto", "force", "off")
@@ -139,7 +141,10 @@ class GradGuard(Callback):
     Manual optimization is not probed (init only, by rule).
 
     Args:
-        init, batchnorm, activation, clipping: ``auto`` / ``force`` / ``off`` for each remedy.
+        init, batchnorm, activation, clipping: ``auto`` / ``force`` / ``off`` for each remedy. The init
+            trial (and the applied init) keeps loaded, trained and adapter weights as ``WeightInitialization``
+            does (:mod:`lightning_gradguard.pretrained`), and is not tried when every layer is such;
+            ``init="force"`` re-initializes them too (``WeightInitialization(force=True)``).
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
@@ -305,7 +310,9 @@ class GradGuard(Callback):
             clip_on = self.modes["clipping"] == "force" or (self.modes["clipping"] == "auto" and bool(clip_reasons))
             trials = _Trials(self, pl_module, _Cycle(loader), memo, trial_seed, clip_on, clip_reasons, bar)
             base_loss = trials.run({}, "no remedy")
-            init_decision, best, best_loss = self._decide_init(trials, base_loss, frozen)
+            weighted = find_layers(pl_module, model_input(batches[0]) if batches else None)
+            kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights the init trial leaves alone
+            init_decision, best, best_loss = self._decide_init(trials, base_loss, frozen, kept, len(weighted))
             after = self._probe_after(pl_module, batches, best, memo, trial_seed) if best else base  # measured after init
             decisions = [init_decision, *self._decide_architecture(trials, after, best, best_loss, spent)]
             decisions.append(self._decide_clipping(trials, best, base, big, spent))
@@ -330,23 +337,29 @@ class GradGuard(Callback):
             reasons.append(f"norm spike ×{base.spike:.3g}")
         return reasons, big
 
-    def _decide_init(self, trials: _Trials, base_loss: float, frozen: bool) -> tuple[Decision, dict, float]:
+    def _decide_init(self, trials: _Trials, base_loss: float, frozen: bool, kept: dict[str, str],
+                     n_layers: int) -> tuple[Decision, dict, float]:
         init_mode = self.modes["init"]
         if init_mode == "off":
             return Decision("init", "off", "turned off"), {}, base_loss
         if frozen:
             return Decision("init", "not applied", "every weight is frozen (pretrained)"), {}, base_loss
-        init_loss = trials.run({"init": {"scheme": "auto"}}, "init")
+        if init_mode == "auto" and kept and len(kept) == n_layers:
+            return Decision("init", "not applied", f"all {len(kept)} layers hold loaded, trained or adapter weights "
+                            "(init='force' re-initializes them)"), {}, base_loss
+        remedy: dict[str, Any] = {"scheme": "auto", **({"force": True} if init_mode == "force" else {})}
+        init_loss = trials.run({"init": remedy}, "init")
         keep = init_mode == "force" or init_loss <= base_loss * (1 + self.margin)
         status = "forced" if init_mode == "force" else ("applied" if keep else "not applied")
+        kept_note = f"; {len(kept)} layer(s) kept as loaded/trained/adapter" if kept and init_mode != "force" else ""
         if init_mode == "force":
             verdict = ""
         elif keep:
             verdict = "; kept: lower" if init_loss <= base_loss else f"; kept: within the {self.margin:.0%} tolerance (margin), so not worse"
         else:
             verdict = f"; dropped: worse by more than the {self.margin:.0%} tolerance (margin)"
-        decision = Decision("init", status, f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){verdict}")
-        return (decision, {"init": {"scheme": "auto"}}, init_loss) if keep else (decision, {}, base_loss)
+        decision = Decision("init", status, f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){verdict}{kept_note}")
+        return (decision, {"init": remedy}, init_loss) if keep else (decision, {}, base_loss)
 
     def _probe_after(self, pl_module: "pl.LightningModule", batches: list, best: dict, memo: dict, seed: int) -> Any:
         copy_ = copy.deepcopy(pl_module, dict(memo))
@@ -454,7 +467,8 @@ class GradGuard(Callback):
         if "batchnorm" in r:
             self.subs["batchnorm"] = BatchNormInsertion(**r["batchnorm"], verbose=False)
         if "init" in r:
-            self.subs["init"] = WeightInitialization(r["init"].get("scheme", "auto"), seed=self.seed, verbose=False)
+            self.subs["init"] = WeightInitialization(r["init"].get("scheme", "auto"), seed=self.seed, verbose=False,
+                                                     force=bool(r["init"].get("force", False)))
         if "clipping" in r:
             self.subs["clipping"] = GradientClipping(**clip_options(r["clipping"], self.clip_algorithm), on_nonfinite="skip")
         if self.monitor and not any(isinstance(cb, GradientMonitor) for cb in trainer.callbacks):

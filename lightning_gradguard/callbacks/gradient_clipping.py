@@ -214,8 +214,13 @@ class GradientClipping(Callback):
         if self.algorithm == "agc" and not self.agc_clip_output_layer:
             self._skip_ids = agc_exempt_params(pl_module, layers)
         if self.per_layer:
-            self._layer_groups = [list(info.module.parameters()) for info in layers]
-            covered = {id(p) for g in self._layer_groups for p in g}
+            covered: set[int] = set()
+            self._layer_groups = []
+            for info in layers:  # a tied parameter (GPT-2's wte/lm_head) is clipped once, with its first holder
+                group = [p for p in info.module.parameters() if id(p) not in covered]
+                covered.update(id(p) for p in group)
+                if group:
+                    self._layer_groups.append(group)
             rest = [p for p in pl_module.parameters() if id(p) not in covered]
             if rest:
                 self._layer_groups.append(rest)  # parameters outside weighted layers (norm layers, ...)

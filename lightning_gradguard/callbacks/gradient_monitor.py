@@ -13,10 +13,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard._text import markdown_table
+from lightning_gradguard.callbacks._common import sample_batch_provider
 from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
+    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, shared_activations, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios_from, update_sq, weight_sq,
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
@@ -209,7 +210,8 @@ class GradientMonitor(Callback):
             )
         check_strategy(trainer.strategy, type(self).__name__)
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
-        self.groups = layer_groups(pl_module, self.per_parameter)
+        # the sample batch is read only if torch.fx cannot trace the model (Hugging Face models, ...)
+        self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
         self._sharded = any_dtensor(list(pl_module.parameters()))
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
@@ -273,12 +275,13 @@ class GradientMonitor(Callback):
     # ------------------------------------------------------------------------------- hooks
     def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
         modules = dict(pl_module.named_modules())
+        shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
         want_hist = self._is_hist_step(step)
         for gi, g in enumerate(self.groups):
             if g.info is None or g.frozen or gi in self._acts:
                 continue
             act = g.activation
-            target, fn = activation_hook_target(g, modules)
+            target, fn = activation_hook_target(g, modules, shared)
             unit_dim = unit_dim_for(g.module)
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):

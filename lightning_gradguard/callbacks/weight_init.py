@@ -43,6 +43,10 @@ class WeightInitialization(Callback):
         seed: seed of the init's own generator; default: Lightning's ``seed_everything`` seed if set.
         lsuv_tol, lsuv_max_iters: LSUV's target tolerance and iteration bound.
         verbose: print the table (it is always written to TensorBoard text ``gradguard/init``).
+        force: also re-initialize weights that are not fresh from construction. By default they are kept,
+            and the table says why: adapters (``lora_*``), a Hugging Face model loaded with
+            ``from_pretrained``, weights that look trained (:mod:`lightning_gradguard.pretrained`). A tied
+            parameter is initialized once, by its owner (the embedding), either way.
 
     Raises:
         ValueError / TypeError: at construction, naming the field, the value and what is allowed.
@@ -72,6 +76,7 @@ class WeightInitialization(Callback):
         lsuv_tol: float = 0.1,
         lsuv_max_iters: int = 10,
         verbose: bool = True,
+        force: bool = False,
     ) -> None:
         owner = type(self).__name__
         self.scheme = check_choice(owner, "scheme", scheme, SCHEMES)
@@ -92,6 +97,7 @@ class WeightInitialization(Callback):
         self.lsuv_tol = check_number(owner, "lsuv_tol", lsuv_tol, min_value=0.0, min_inclusive=False)
         self.lsuv_max_iters = check_number(owner, "lsuv_max_iters", lsuv_max_iters, min_value=1, integer=True)
         self.verbose = check_bool(owner, "verbose", verbose)
+        self.force = check_bool(owner, "force", force)
         self.records: list[InitRecord] = []
         self.resumed = False
         self.resumed_from: Optional[str] = None
@@ -118,7 +124,7 @@ class WeightInitialization(Callback):
                 vs_distribution=self.vs_distribution, gain=self.gain, bias=self.bias, overrides=self.overrides,
                 exclude=self.exclude, strict=self.strict, seed=self.seed,
                 sample_input=broadcast_object(sample()) if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,
-                lsuv_max_iters=self.lsuv_max_iters,
+                lsuv_max_iters=self.lsuv_max_iters, force=self.force,
             )
             setattr(pl_module, _DONE_ATTR, True)
 

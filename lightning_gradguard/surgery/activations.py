@@ -23,7 +23,9 @@ TARGET_PARAMS: dict[str, tuple[str, ...]] = {
     "elu": ("alpha",), "selu": (), "gelu": ("approximate",), "silu": (), "relu": (), "tanh": (), "sigmoid": (),
 }
 #: activations that can be replaced (sources)
-SOURCE_NAMES = ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "gelu", "silu", "sigmoid", "tanh")
+SOURCE_NAMES = (
+    "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "gelu", "silu", "hardswish", "mish", "sigmoid", "tanh",
+)
 
 
 def normalize_target(owner: str, source: str, target: Union[str, Mapping[str, Any]]) -> dict[str, Any]:

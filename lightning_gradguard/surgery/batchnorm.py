@@ -3,8 +3,11 @@
 BatchNorm insertion wraps a layer in :class:`Normalized` (``layer`` → ``post`` BN; or a ``pre`` BN on the
 model input), or, for ``position="after_activation"``, wraps the activation module the same way. The output
 layer (the last weighted layer in forward order) and frozen layers (no trainable parameter) are left alone;
-layers already followed by a normalization layer are skipped; Linear layers applied to ``(B, T, F)`` inputs
-are normalized over the feature dim. With ``remove_bias`` the bias of a layer feeding a BN directly is dropped
+layers already followed by a normalization layer are skipped (any ``_NormBase``/``LayerNorm``/``GroupNorm``/
+``RMSNorm`` subclass, with children or not, such as timm's ``BatchNormAct2d``, or a ``...RMSNorm``/``...LayerNorm``
+class such as Hugging Face's); Linear layers (and Hugging Face's ``Conv1D``) applied to ``(B, T, F)`` inputs
+are normalized over the feature dim. A wrapped layer keeps answering for its attributes (``wrapper.weight``,
+``.bias``, ``.in_features``, ...), so model code that reads ``self.wo.weight`` (T5) still works. With ``remove_bias`` the bias of a layer feeding a BN directly is dropped
 (BN's β does its job).
 
 Example:
@@ -22,7 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_gradguard.graph import NORM_TYPES, LayerInfo, find_layers
+from lightning_gradguard.graph import LayerInfo, find_layers, is_norm, is_transposed_linear
 from lightning_gradguard.surgery._common import Change, n_params, record, set_submodule
 
 POSITIONS = ("before_activation", "after_activation")
@@ -34,6 +37,9 @@ class Normalized(nn.Module):
 
     ``feature_last`` (Linear layers): inputs of shape ``(..., F)`` are normalized over F, whatever the
     leading dims (``(B, T, F)`` included); otherwise BN's own convention (channels in dim 1).
+
+    Attributes the wrapper does not have itself are read from the wrapped layer, so code written against
+    the layer (``self.wo.weight.dtype`` in T5, ``self.fc.in_features``) keeps working.
     """
 
     def __init__(self, layer: nn.Module, pre: Optional[nn.Module] = None, post: Optional[nn.Module] = None,
@@ -46,6 +52,15 @@ class Normalized(nn.Module):
         if self.feature_last:  # (B, F) stays (B, F); (B, T, F) is normalized as (B*T, F). fx-traceable.
             return bn(x.flatten(0, -2)).reshape(x.shape)
         return bn(x)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules of the wrapper
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None or name.startswith("__"):
+                raise
+            return getattr(layer, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre is not None:
@@ -62,24 +77,46 @@ _BN_BY_LAYER = ((nn.Conv3d, nn.BatchNorm3d), (nn.Conv2d, nn.BatchNorm2d), (nn.Co
 
 def _bn_for(layer: nn.Module, num: int, momentum: float, eps: float) -> nn.Module:
     """The BatchNorm matching ``layer``'s base class (a ``Conv2d`` subclass gets ``BatchNorm2d``)."""
-    cls = next(bn for base, bn in _BN_BY_LAYER if isinstance(layer, base))
+    cls = next((bn for base, bn in _BN_BY_LAYER if isinstance(layer, base)), nn.BatchNorm1d)  # HF Conv1D: 1d
     p = next(layer.parameters(), None)
     bn = cls(num, eps=eps, momentum=momentum)
     return bn.to(p.device) if p is not None else bn
 
 
 def _out_features(layer: nn.Module) -> int:
+    if is_transposed_linear(layer):
+        return int(layer.weight.shape[1])  # Hugging Face Conv1D: weight (in, out)
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _in_features(layer: nn.Module) -> int:
+    if is_transposed_linear(layer):
+        return int(layer.weight.shape[0])
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
+def _feature_last(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_transposed_linear(layer)
+
+
 def _followed_by_norm(model: nn.Module) -> set[str]:
-    """Names of the modules whose next module (in registration order) is a normalization layer."""
-    order = [(n, m) for n, m in model.named_modules() if len(list(m.children())) == 0 or isinstance(m, Normalized)]
-    return {n for (n, _), (_, nxt) in zip(order, order[1:]) if isinstance(nxt, NORM_TYPES)}
+    """Names of the modules whose next module (in registration order) is a normalization layer.
+
+    A norm counts with children or not (timm's ``BatchNormAct2d`` holds its activation); what is inside a
+    norm or a wrapper is not visited.
+    """
+    order = []
+    inside: Optional[str] = None
+    for n, m in model.named_modules():
+        if inside is not None and n.startswith(inside):
+            continue
+        inside = None
+        if is_norm(m) or isinstance(m, Normalized):
+            order.append((n, m))
+            inside = f"{n}."
+        elif len(m._modules) == 0:
+            order.append((n, m))
+    return {n for (n, _), (_, nxt) in zip(order, order[1:]) if is_norm(nxt)}
 
 
 @dataclass
@@ -110,7 +147,7 @@ class _Plan:
         return path is not None and isinstance(self.modules.get(path.rpartition(".")[0]), Normalized)
 
     def eligible(self, info: LayerInfo) -> bool:
-        if not isinstance(info.module, BN_LAYER_TYPES) or self.wrapped(info.name):
+        if not (isinstance(info.module, BN_LAYER_TYPES) or is_transposed_linear(info.module)) or self.wrapped(info.name):
             return False  # idempotent: the layer was wrapped by an earlier call
         if self.include and not any(fnmatch.fnmatchcase(info.name, p) for p in self.include):
             return False
@@ -125,13 +162,15 @@ class _Plan:
     def sole_activation(self, info: LayerInfo) -> Optional[str]:
         """The path of the activation module used by this layer alone, else None (functional or shared)."""
         at = info.activation_at
+        if info.activation in ("softmax", "log_softmax"):
+            return None  # attention scores, not this layer's units: the BN goes right after the layer
         return at if at in self.modules and self.act_users.get(at) == 1 else None
 
 
 def _wrap_activation(plan: _Plan, info: LayerInfo, act_path: str) -> Change:
     act = plan.modules[act_path]
     bn = plan.bn(info.module, _out_features(info.module))
-    set_submodule(plan.model, act_path, Normalized(act, post=bn, feature_last=isinstance(info.module, nn.Linear)))
+    set_submodule(plan.model, act_path, Normalized(act, post=bn, feature_last=_feature_last(info.module)))
     name = type(act).__name__
     return Change(act_path, name, f"{name} → {type(bn).__name__}", n_params(bn), f"after {info.name}'s activation")
 
@@ -140,9 +179,12 @@ def _wrap_layer(plan: _Plan, info: LayerInfo, pre: Optional[nn.Module], post: Op
                 remove_bias: bool, note: str) -> Change:
     layer, before_desc, before_n = info.module, info.describe(), n_params(info.module)
     if post is not None and remove_bias and getattr(layer, "bias", None) is not None:
-        layer.bias = None  # BN's shift replaces it
-        note = (note + "; " if note else "") + "bias removed"
-    set_submodule(plan.model, info.name, Normalized(layer, pre=pre, post=post, feature_last=isinstance(layer, nn.Linear)))
+        if is_transposed_linear(layer):  # Conv1D's forward is addmm(bias, ...): the bias must stay
+            note = (note + "; " if note else "") + "bias kept (Conv1D needs it)"
+        else:
+            layer.bias = None  # BN's shift replaces it
+            note = (note + "; " if note else "") + "bias removed"
+    set_submodule(plan.model, info.name, Normalized(layer, pre=pre, post=post, feature_last=_feature_last(layer)))
     parts = [type(m).__name__ if m is not layer else before_desc for m in (pre, layer, post) if m is not None]
     delta = n_params(plan.model.get_submodule(info.name)) - before_n
     return Change(info.name, before_desc, " → ".join(parts), delta,
