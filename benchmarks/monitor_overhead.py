@@ -8,13 +8,17 @@ repeated. The time per step is measured from the start of step 20 to the start o
 fixed costs of fit start and end, such as the end-of-fit gradient-flow picture, are not in it; they are
 printed separately), the best of the repeats is kept, and each is divided by the best of "none".
 
-    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3]
+    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--write-readme]
+
+``--write-readme`` puts the table (markdown, with the command that made it) into README.md, block
+``monitor-overhead``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +32,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradientMonitor
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from benchmarks._readme import write_block  # noqa: E402
+
+LABELS = {
+    "none": "none", "monitor_every_step": "GradientMonitor, every step",
+    "monitor_default": "GradientMonitor, every 50 steps (default)",
+    "monitor_default_no_step_check": 'same, `nonfinite_check="logging_steps"`',
+    "lightning_grad_norm": "Lightning's `grad_norm`, every 50 steps",
+    "naive_histograms": "naive per-parameter `add_histogram`, every 50 steps",
+}
+TITLES = {"mlp": "MLP, 50 layers × 32", "transformer": "small transformer (4 layers, d=64)"}
 
 CADENCE = 50
 
@@ -125,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write-readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args()
+    rows = []
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     variants = ["none", "monitor_every_step", "monitor_default", "monitor_default_no_step_check",
@@ -143,6 +161,11 @@ def main() -> None:
         for v in variants:
             step, total = best[v]
             print(f"{name:<12} {v:<30} {1000 * step:>8.3f} {step / best['none'][0]:>7.3f} {total:>7.2f}", flush=True)
+            rows.append(f"| {TITLES[kind] if v == 'none' else ''} | {LABELS[v]} | {1000 * step:.3f} | {step / best['none'][0]:.3f} |")
+    if args.write_readme:
+        cmd = f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats}"
+        head = "| model | variant | ms/step | ratio |\n|---|---|---|---|"
+        write_block("monitor-overhead", f"`{cmd}`, torch threads={torch.get_num_threads()}:\n\n{head}\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -24,4 +24,13 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from lightning_gradguard.demo.app import check_overrides
+
+    try:  # unknown keys: list the valid ones (Hydra's own message does not)
+        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")], str(Path(__file__).resolve().parents[1] / "conf"))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     main()

@@ -3,7 +3,10 @@
 Same seed, same data, same budget (20 epochs) for both; prints a table of test accuracies and what
 GradGuard decided. Data: the bundled digits (MLPs, CNN) and a synthetic 100-step sequence task (RNN).
 
-    python examples/zoo.py [--epochs 20] [--only sigmoid20,rnn]
+    python examples/zoo.py [--epochs 20] [--only sigmoid20,rnn] [--write-readme]
+
+``--write-readme`` puts the table into README.md (block ``zoo``); only a full run (all models, 20 epochs,
+seed 0) may do that.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -19,6 +23,9 @@ import lightning.pytorch as pl
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SequenceDataModule, SmallCNN, VanillaRNN
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from benchmarks._readme import write_block  # noqa: E402
 
 ZOO: dict[str, tuple[str, Callable[[], pl.LightningModule], Callable[[], pl.LightningDataModule]]] = {
     "sigmoid20": ("20-layer sigmoid MLP", lambda: DeepMLP(depth=20, activation="sigmoid"), DigitsDataModule),
@@ -53,21 +60,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated zoo keys: " + ",".join(ZOO))
+    parser.add_argument("--write-readme", action="store_true", help="write the table into README.md (block 'zoo')")
     args = parser.parse_args()
+    if args.write_readme and (args.only or args.epochs != 20 or args.seed != 0):
+        raise SystemExit("--write-readme: only the full zoo (no --only, --epochs 20, --seed 0) goes into README")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     keys = [k for k in (args.only.split(",") if args.only else ZOO) if k]
     unknown = [k for k in keys if k not in ZOO]
     if unknown:
         raise SystemExit(f"--only: unknown {unknown}; choose from {', '.join(ZOO)}")
-    print(f"{'model':<34} {'baseline':>9} {'GradGuard':>10} {'probe cost':>11}  remedies applied")
+    lines = [f"{'model':<34} {'baseline':>9} {'GradGuard':>10} {'probe cost':>11}  remedies applied"]
+    print(lines[0])
     for key in keys:
         title, make_model, make_data = ZOO[key]
         base = fit(make_model, make_data, args.epochs, False, args.seed)
         guarded = fit(make_model, make_data, args.epochs, True, args.seed)
         b = f"{base['acc']:.4f}" + ("*" if not math.isfinite(base["loss"]) else "")
-        print(f"{title:<34} {b:>9} {guarded['acc']:>10.4f} {guarded['cost']:>10.0%}  {', '.join(guarded['applied'])}", flush=True)
-    print("* loss NaN (diverged). Test accuracy on the held-out split; chance is 0.10 (digits), 0.25 (sequences).")
+        lines.append(f"{title:<34} {b:>9} {guarded['acc']:>10.4f} {guarded['cost']:>10.0%}  {', '.join(guarded['applied'])}")
+        print(lines[-1], flush=True)
+    lines.append("* loss NaN (diverged). Test accuracy on the held-out split; chance is 0.10 (digits), 0.25 (sequences).")
+    print(lines[-1])
+    if args.write_readme:
+        write_block("zoo", "```\n" + "\n".join(lines) + "\n```")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
 - :class:`PercentileClipper`: AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
   Source Separation Networks"): the norm threshold is the p-th percentile of the global gradient norms seen
   so far (a ring buffer of the last ``history_size`` finite norms, on the device).
+- :class:`ZScoreClipper`: ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
+  Pre-Training", arXiv 2504.02507): the global norm's z-score against an EMA of its mean and variance;
+  a spike is clipped to ``mean + z_thresh²/z · std`` (or to the mean). A line-by-line port of the
+  ``zclip`` package's ``ZClip`` that keeps its state on the device.
 
 All functions return tensors (never Python floats), so nothing waits for the device.
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
+
+from lightning_gradguard.graph import LayerInfo, find_layers
 
 Tensors = Sequence[torch.Tensor]
 NORM_TYPES = (2.0, "inf")
@@ -95,6 +101,148 @@ def adaptive_clip_(params: Iterable[torch.Tensor], clip_factor: float = 0.01, ep
         g_norm = unitwise_norm(g)
         clipped = g * (max_norm / g_norm.clamp(min=1e-6))
         g.copy_(torch.where(g_norm > max_norm, clipped, g))
+
+
+class ZScoreClipper:
+    """ZClip: clip the global L2 norm by its z-score against an EMA of past norms, on the device.
+
+    Reproduces ``zclip.ZClip`` (package ``zclip`` 1.0.0, ``mode="zscore"``) step for step, read from its
+    source, with its defaults and argument meanings (``ema_decay`` is ZClip's ``alpha``,
+    ``max_grad_norm`` its ``max_grad_norm``):
+
+    1. ``g`` = the global L2 norm of the gradients (before clipping).
+    2. Warm-up (the first ``warmup_steps`` calls): ``g`` is recorded; the gradients are clipped to
+       ``max_grad_norm`` as ``torch.nn.utils.clip_grad_norm_`` does (not at all when ``None``). On the
+       ``warmup_steps``-th call mean and (population) variance are set from the recorded norms; no EMA
+       update on that call.
+    3. Afterwards: ``z = (g - mean) / (std + eps)``. When ``z > z_thresh`` the norm is a spike and is
+       clipped to ``clip_val = clip_factor · (mean + z_thresh² / z · std)`` (``clip_option=
+       "adaptive_scaling"``, ZClip's default; ZClip writes it ``mean + z_thresh·std / (z / z_thresh)``)
+       or to ``clip_val = mean`` (``clip_option="mean"``). The target is ``min(clip_val or g,
+       max_grad_norm)``; when ``g`` exceeds it the gradients are scaled by ``target / (g + 1e-6)``.
+    4. Then the EMA is updated with ``clip_val`` on a spike, else with ``g`` (note: not with the
+       ``max_grad_norm``-capped value), mean first, then ``var = α·var + (1-α)·(x - new mean)²``;
+       with ``skip_update_on_spike=True`` a spike leaves mean and variance as they were.
+
+    Deliberate difference: a non-finite norm is neither recorded nor fed to the EMA (in ZClip it would
+    make mean and variance NaN for the rest of the run); the gradients are left to the caller's
+    non-finite policy. State (mean, var, warm-up buffer and count) lives in float64 tensors on the
+    gradients' device (float32 on MPS), like ZClip's Python floats; nothing is read on the host.
+
+    Example:
+        >>> net = torch.nn.Linear(4, 2)
+        >>> clipper = ZScoreClipper()          # ZClip's defaults: 0.97, 2.5, 25 warm-up steps, cap 1.0
+        >>> net(torch.randn(8, 4)).pow(2).sum().backward()
+        >>> norm_before, target = clipper.clip_(list(net.parameters()))
+    """
+
+    def __init__(
+        self, ema_decay: float = 0.97, z_thresh: float = 2.5, max_grad_norm: Optional[float] = 1.0,
+        eps: float = 1e-6, warmup_steps: int = 25, clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0, skip_update_on_spike: bool = False,
+    ) -> None:
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"ZScoreClipper: clip_option={clip_option!r} is not one of: adaptive_scaling, mean")
+        if warmup_steps < 1:
+            raise ValueError(f"ZScoreClipper: warmup_steps={warmup_steps!r} must be an integer >= 1")
+        self.ema_decay = float(ema_decay)
+        self.z_thresh = float(z_thresh)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.eps = float(eps)
+        self.warmup_steps = int(warmup_steps)
+        self.clip_option = clip_option
+        self.clip_factor = float(clip_factor)
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.mean = torch.zeros((), dtype=torch.float64)
+        self.var = torch.zeros((), dtype=torch.float64)
+        self.buffer = torch.zeros(self.warmup_steps, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.long)  # warm-up norms recorded (≥ warmup_steps: EMA on)
+
+    def _to(self, device: torch.device) -> None:
+        if self.buffer.device != device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            self.mean, self.var, self.buffer = (t.to(device, dtype) for t in (self.mean, self.var, self.buffer))
+            self.count = self.count.to(device)
+
+    @property
+    def initialized(self) -> torch.Tensor:
+        """Whether the warm-up is over (a bool tensor on the device)."""
+        return self.count >= self.warmup_steps
+
+    def clip_(
+        self, params: Iterable[torch.Tensor], total_norm: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ZClip step on ``params``' gradients; return (norm before, ZClip's effective clip value:
+        ``min(spike target or the norm, max_grad_norm)``; during warm-up ``max_grad_norm``; ``inf`` where
+        none applies). ``total_norm``: the global norm if already computed (e.g. all-reduced)."""
+        params = list(params)
+        total = global_norm(params) if total_norm is None else total_norm
+        self._to(total.device)
+        g = total.to(self.mean.dtype)
+        finite = torch.isfinite(g)
+        inf = torch.full_like(g, float("inf"))
+        cap = inf if self.max_grad_norm is None else torch.full_like(g, self.max_grad_norm)
+
+        # warm-up: record, clip at the cap like clip_grad_norm_, initialize on the last warm-up call
+        warm = (self.count < self.warmup_steps) & finite
+        slot = torch.clamp(self.count, max=self.warmup_steps - 1)
+        self.buffer[slot] = torch.where(warm, g, self.buffer[slot])
+        just_initialized = warm & (self.count + 1 >= self.warmup_steps)
+        buf_mean = self.buffer.mean()
+        buf_var = (self.buffer - buf_mean).pow(2).mean()
+
+        # after warm-up: z-score against the EMA, computed from the state before this step
+        active = self.initialized & finite
+        std = self.var.sqrt()
+        z = (g - self.mean) / (std + self.eps)
+        spike = active & (z > self.z_thresh)
+        if self.clip_option == "adaptive_scaling":
+            clip_val = (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+        else:
+            clip_val = self.mean
+        target = torch.minimum(torch.where(spike, clip_val, g), cap)
+        coef = torch.where(g > target, target / (g + 1e-6), torch.ones_like(g))
+        warm_coef = torch.clamp(cap / (g + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_
+        coef = torch.where(active, coef, torch.where(warm, warm_coef, torch.ones_like(g)))
+        grads = _grads(params)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype))
+
+        # EMA update with the clipped value (or none on a spike with skip_update_on_spike)
+        x = torch.where(spike, clip_val, g)
+        update = active & ~spike if self.skip_update_on_spike else active
+        a = self.ema_decay
+        new_mean = a * self.mean + (1 - a) * x
+        new_var = a * self.var + (1 - a) * (x - new_mean) ** 2
+        self.mean = torch.where(update, new_mean, torch.where(just_initialized, buf_mean, self.mean))
+        self.var = torch.where(update, new_var, torch.where(just_initialized, buf_var, self.var))
+        self.count = self.count + warm.long()
+        in_force = torch.where(active, target, torch.where(warm, cap, inf))
+        return total, in_force.to(total.dtype)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu().clone(), "var": self.var.cpu().clone(), "buffer": self.buffer.cpu().clone(),
+                "count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        device, dtype = self.buffer.device, self.buffer.dtype
+        if state["buffer"].numel() != self.warmup_steps:
+            raise ValueError(
+                f"ZScoreClipper: the checkpoint's warm-up buffer holds {state['buffer'].numel()} norms, this "
+                f"clipper has warmup_steps={self.warmup_steps}; resume with the same warmup_steps"
+            )
+        self.mean = state["mean"].to(device, dtype)
+        self.var = state["var"].to(device, dtype)
+        self.buffer = state["buffer"].to(device, dtype)
+        self.count = torch.tensor(int(state["count"]), device=device)
+
+
+def agc_exempt_params(model: torch.nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> set[int]:
+    """``id``\ s of the parameters AGC leaves unclipped: the output layer's (the last weighted layer in forward
+    order), as NFNets do (Brock et al. 2021, §4.1). ``layers``: a :func:`~lightning_gradguard.graph.find_layers`
+    result already at hand."""
+    layers = find_layers(model) if layers is None else layers
+    return {id(p) for p in layers[-1].module.parameters()} if layers else set()
 
 
 class PercentileClipper:

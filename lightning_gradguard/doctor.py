@@ -18,8 +18,8 @@ activation       saturated fraction > ``saturation_threshold`` (sigmoid/   same
                  ``dead_threshold`` (ReLU → ``dead_target``)
 activation+BN    both of the above are candidates                        same
 clipping         a recurrent layer, non-finite gradients, a gradient norm by rule; the algorithm
-                 > ``exploding_norm``, max/median norm over the probe      (percentile or AGC) by trial
-                 batches > ``spike_factor``, or a trial that diverged      (2 × ``trial_steps``)
+                 > ``exploding_norm``, max/median norm over the probe      (percentile, AGC or z-score) by
+                 batches > ``spike_factor``, or a trial that diverged      trial (2 × ``trial_steps``)
                  without clipping and trains with it
 ===============  ===========================================================================================
 
@@ -219,25 +219,44 @@ def trial(
         del candidate
 
 
-def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None]:
-    """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**options)`` would
-    (defaults as GradGuard uses them: percentile with a warm-up at norm 1, AGC λ=0.01, norm 1, value 0.01)."""
-    from lightning_gradguard.clipping import PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_value_
-    from lightning_gradguard.graph import find_layers
+#: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
+#: AutoClip with a warm-up at norm 1, AGC λ=0.01, value 0.01, norm 1, z-score (ZClip) with its own defaults
+CLIP_DEFAULTS: dict[str, dict[str, float]] = {
+    "percentile": {"warmup_threshold": 1.0}, "agc": {"threshold": 0.01}, "value": {"threshold": 0.01},
+    "norm": {"threshold": 1.0}, "zscore": {},
+}
 
-    algorithm = options.get("algorithm", "percentile")
+
+def clip_options(options: dict[str, Any], algorithm: str = "percentile") -> dict[str, Any]:
+    """``GradientClipping`` keyword arguments for a clipping remedy: its algorithm (else ``algorithm``), the
+    :data:`CLIP_DEFAULTS` of that algorithm, and any option the remedy sets itself."""
+    algo = options.get("algorithm", algorithm)
+    return {**CLIP_DEFAULTS[algo], **options, "algorithm": algo}
+
+
+def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None]:
+    """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**clip_options(options))``
+    would."""
+    from lightning_gradguard.clipping import (
+        PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_value_,
+    )
+
+    opts = clip_options(options)
+    algorithm = opts["algorithm"]
     params = [p for p in model.parameters() if p.requires_grad]
     if algorithm == "percentile":
-        clipper = PercentileClipper(warmup_threshold=1.0)
+        clipper = PercentileClipper(warmup_threshold=opts["warmup_threshold"])
         return lambda: clipper.clip_(params) and None
+    if algorithm == "zscore":
+        zclip = ZScoreClipper()  # ZClip's defaults
+        return lambda: zclip.clip_(params) and None
     if algorithm == "agc":
-        layers = find_layers(model)
-        skip = {id(p) for p in layers[-1].module.parameters()} if layers else set()
+        skip = agc_exempt_params(model)
         body = [p for p in params if id(p) not in skip]
-        return lambda: adaptive_clip_(body, options.get("threshold", 0.01))
+        return lambda: adaptive_clip_(body, opts["threshold"])
     if algorithm == "value":
-        return lambda: clip_by_value_(params, options.get("threshold", 0.01))
-    return lambda: clip_by_norm_(params, options.get("threshold", 1.0)) and None
+        return lambda: clip_by_value_(params, opts["threshold"])
+    return lambda: clip_by_norm_(params, opts["threshold"]) and None
 
 
 def fmt(x: float) -> str:

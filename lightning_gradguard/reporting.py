@@ -1,8 +1,12 @@
 """Where results go: the one place that writes to TensorBoard and prints tables.
 
-Scalars go through ``pl_module.log`` (every Lightning logger gets them); text, histograms, images and
-the custom-scalar layout go to the ``SummaryWriter`` of every ``TensorBoardLogger`` on the Trainer, from
-global rank 0 only, and are skipped (no error) when there is none.
+Scalars: the per-layer statistics of a logging step go through :func:`log_metrics`, straight to every
+logger of the Trainer from global rank 0 (as ``LearningRateMonitor`` does, not through ``pl_module.log``):
+a ``TensorBoardLogger`` gets them as one event written to its ``SummaryWriter``'s file writer (torch's
+``_get_file_writer``, checked on torch 2.13), any other logger through its ``log_metrics``. Only
+``GradientClipping``'s few per-step counters use ``pl_module.log`` (device tensors, no host sync).
+Text, histograms, images and the custom-scalar layout go to the ``SummaryWriter`` of every
+``TensorBoardLogger`` on the Trainer, from global rank 0 only, and are skipped (no error) when there is none.
 """
 
 from __future__ import annotations
@@ -27,6 +31,43 @@ def log_text(trainer: "pl.Trainer", tag: str, text: str, step: int | None = None
     for writer in tensorboard_writers(trainer):
         writer.add_text(tag, block, global_step=trainer.global_step if step is None else step)
         writer.flush()
+
+
+def log_markdown(trainer: "pl.Trainer", tag: str, markdown: str, step: int | None = None) -> None:
+    """Write ``markdown`` as is (TensorBoard's Text tab renders tables, lists, ``code``) to every TensorBoard logger."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_text(tag, markdown, global_step=trainer.global_step if step is None else step)
+        writer.flush()
+
+
+def log_hparams(trainer: "pl.Trainer", params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Hyperparameters and final metrics for TensorBoard's HParams tab, written into the run's own event file.
+
+    ``SummaryWriter.add_hparams`` would start a new sub-run (a second folder); here the three HParams
+    summaries (experiment, session start, session end) go to the run's writer, and each metric is also
+    written as a scalar ``hparams/<name>`` at the current step (the HParams tab reads metric values from
+    scalars of the same run). Values that are not bool/int/float/str are written as their ``str``.
+    Other loggers get ``log_hyperparams(params)`` and the metrics through ``log_metrics``.
+    """
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    if not trainer.is_global_zero:
+        return
+    clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+    tagged = {f"hparams/{k}": float(v) for k, v in metrics.items()}
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            writer = lg.experiment
+            exp, ssi, sei = hparams_summaries(clean, tagged)
+            file_writer = writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+            for tag, value in tagged.items():
+                writer.add_scalar(tag, value, global_step=trainer.global_step)
+            writer.flush()
+        else:
+            lg.log_hyperparams(clean)
+            lg.log_metrics(tagged, step=trainer.global_step)
 
 
 def print_table(title: str, table: str) -> None:
@@ -76,6 +117,18 @@ def log_layout(trainer: "pl.Trainer", layout: dict[str, Any]) -> None:
     """The custom-scalars layout (written once per run)."""
     for writer in tensorboard_writers(trainer):
         writer.add_custom_scalars(layout)
+
+
+def progress_bar(trainer: "pl.Trainer", desc: str, enabled: bool = True) -> Any:
+    """A console progress bar (tqdm, on stderr) for work a user waits on outside Lightning's own bars (GradGuard's
+    probe and trials): only on global rank 0, only when ``enabled`` and stderr is a terminal, and a no-op
+    object otherwise. Counts forward/backward passes."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = enabled and trainer.is_global_zero and sys.stderr.isatty()
+    return tqdm(desc=desc, unit="pass", file=sys.stderr, disable=not show, leave=False, dynamic_ncols=True)
 
 
 def flush(trainer: "pl.Trainer") -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SmallCNN
-from lightning_gradguard.demo.app import build, run
+from lightning_gradguard.demo.app import ConfigError, build, check_overrides, run
+from tests.conftest import CONF_DIR
 from tests.conftest import FAST
 from tests.helpers import load_events
 
@@ -55,12 +57,18 @@ def test_callbacks_none_and_default(compose_cfg):
     assert {"GradientMonitor", "GradientClipping", "WeightInitialization"} <= {type(cb).__name__ for cb in trainer.callbacks}
 
 
-def test_fit_writes_tensorboard_events_that_read_back(compose_cfg, capsys):
+def test_fit_writes_tensorboard_events_that_read_back(compose_cfg, capsys, caplog):
     cfg = compose_cfg(FAST)
-    result = run(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = run(cfg)
     out = capsys.readouterr().out
+    # the demo's own lines are not buried under Lightning's adverts and its LeafSpec deprecation warning
+    assert not [r for r in caplog.records if "Tip" in r.getMessage()]
+    assert not [w for w in seen if "LeafSpec" in str(w.message)]
+    assert any("Trainer.fit" in r.getMessage() for r in caplog.records)  # the rest of Lightning's lines stay
     assert f"TensorBoard logs: {result['log_dir']}" in out
-    assert f"tensorboard --logdir {result['log_dir']}" in out
+    assert f"tensorboard --logdir {result['trainer'].logger.root_dir}" in out
     events = load_events(result["log_dir"])
     tags = events.Tags()["scalars"]
     assert "train/loss_step" in tags and "val/acc" in tags
@@ -113,3 +121,24 @@ def test_script_bad_override_exits_with_message_not_traceback(tmp_path):
     assert proc.returncode != 0
     assert "activation='sigmoidd' is not one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.actvation=sigmoid"], "model.actvation is not a valid key (did you mean 'activation'?); valid keys of model: depth, width, activation"),
+    (["-m", "model.actvation=relu,tanh"], "valid keys of model: depth"),
+    (["callbacks.grad_clip.threshold=0.5"], "callbacks.grad_clip does not exist until a preset of gradguard/clip creates it; "
+                                            "select one first, e.g. gradguard/clip=... (agc, norm, percentile, value, zscore)"),
+    (["gradguard/clip=norm", "callbacks.grad_clip.max_nrom=1"], "valid keys of callbacks.grad_clip: algorithm, threshold"),
+    (["modl.depth=3"], "modl is not a valid key (did you mean 'model'?); valid top-level keys: data, model"),
+])
+def test_unknown_keys_list_the_valid_ones(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        check_overrides([o for o in overrides if not o.startswith("-")], CONF_DIR)
+    assert message in str(err.value)
+    check_overrides(["gradguard/clip=norm", "callbacks.grad_clip.threshold=0.5", "model.depth=3"], CONF_DIR)  # fine
+
+
+def test_plus_override_of_an_unknown_argument_is_a_config_error(compose_cfg):
+    cfg = compose_cfg(["+model.actvation=sigmoid"])  # '+' bypasses the struct check
+    with pytest.raises(ConfigError, match=r"model.actvation is not a valid key \(did you mean 'activation'\?\)"):
+        build(cfg)

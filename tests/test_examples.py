@@ -42,3 +42,37 @@ def test_init_sweep_script_reports_the_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("test accuracy:") == 3
     assert "comparison" in proc.stdout and "gradguard/init=lecun_normal" in proc.stdout
+
+
+def test_screenshot_script_skips_without_chromium(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screenshots", ROOT / "examples" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no browser on PATH
+    assert screenshots.main(["--out", str(tmp_path / "docs")]) == 0
+    out = capsys.readouterr().out
+    assert "screenshots skipped: no Chromium/Chrome found" in out and "apt-get install chromium" in out
+    assert not (tmp_path / "docs").exists() or not any((tmp_path / "docs").iterdir())
+
+
+def test_readme_blocks_are_the_scripts_output():
+    """Every measured table in README sits between markers that a script owns; the fast one is re-run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._readme import read_block
+
+    for name in ("zoo", "monitor-overhead", "clipping_spikes", "demo-quickstart", "demo-overrides", "demo-init", "demo-surgery",
+                 "demo-clipping"):
+        assert read_block(name).strip(), name
+
+
+def test_readme_quickstart_numbers_are_current(tmp_path):
+    """Re-runs the default demo (the one quick command) and compares with README's block, digit for digit."""
+    proc = _run([sys.executable, str(ROOT / "examples" / "demo_numbers.py"), "--only", "demo-quickstart"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._readme import read_block
+
+    printed = proc.stdout.split("<!-- demo-quickstart -->\n", 1)[1].strip()
+    assert printed == read_block("demo-quickstart").strip()

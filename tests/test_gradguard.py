@@ -81,6 +81,9 @@ def test_deep_sigmoid_fires_batchnorm_and_activation_rules_and_fixes_it(tmp_path
     assert acc >= 0.85, acc
     texts = read_texts(load_events(trainer.logger.log_dir), "gradguard/decisions")
     assert texts and "batchnorm" in texts[0] and "probe and trials" in texts[0]
+    assert texts[0].startswith("| remedy | decision | measurement |")  # markdown: TensorBoard renders a table
+    init_row = next(d.measurement for d in gg.decisions if d.remedy == "init")
+    assert "; kept: " in init_row or "; dropped: " in init_row  # says why, not only the two losses
     assert any(t.startswith("grad_norm/") for t in load_events(trainer.logger.log_dir).Tags()["scalars"])  # its monitor
 
 
@@ -202,3 +205,31 @@ def test_exploding_norm_rule_turns_clipping_on_and_not_otherwise(tmp_path):
     _trainer(tmp_path, [calm], max_steps=1).fit(DeepMLP(input_shape=[16], num_classes=4, depth=2, width=16),
                                                 datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
     assert _decisions(calm)["clipping"] == "not applied"
+
+
+def test_every_hook_a_sub_callback_implements_is_forwarded():
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_gradguard import ActivationReplacement, BatchNormInsertion, GradientClipping, WeightInitialization
+
+    hooks = [n for n in vars(Callback) if not n.startswith("_") and callable(getattr(Callback, n))]
+    subs = (ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization)
+    used = {h for h in hooks for cls in subs if getattr(cls, h) is not getattr(Callback, h)}
+    assert {"setup", "on_before_optimizer_step", "teardown", "on_exception"} <= used
+    assert [h for h in sorted(used) if getattr(GradGuard, h) is getattr(Callback, h)] == []
+
+
+class CrashesOnStep(DeepMLP):
+    def on_train_batch_start(self, batch, batch_idx):  # runs after the callbacks' on_train_batch_start
+        assert any(m._forward_hooks for m in self.modules()), "the monitor attaches hooks on a logging step"
+        raise RuntimeError("boom")
+
+
+def test_a_crash_reaches_the_monitor_through_gradguard_and_its_hooks_are_removed(tmp_path):
+    gg = GradGuard(init="off", batchnorm="off", activation="off", clipping="off", probe_batches=1, trial_steps=4,
+                   verbose=False)
+    model = CrashesOnStep(input_shape=[16], num_classes=4, depth=2, width=8)
+    with pytest.raises(RuntimeError, match="boom"):  # raised while the monitor's forward hooks are attached
+        _trainer(tmp_path, [gg], max_steps=2).fit(model, datamodule=SyntheticDataModule(num_samples=64, input_shape=[16]))
+    assert "monitor" in gg.subs
+    assert not any(m._forward_hooks for m in model.modules())

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_gradguard import GradientMonitor
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SyntheticDataModule
+from lightning_gradguard.report import finding_lines
 from tests.helpers import load_events, read_texts
 
 
@@ -89,7 +90,8 @@ def test_scalars_match_direct_computation(tmp_path):
 
 
 def _findings(trainer):
-    return read_texts(load_events(trainer.logger.log_dir), "gradguard/findings")
+    """The findings written as markdown rows, read back as ``[kind] step N: message`` lines."""
+    return finding_lines(read_texts(load_events(trainer.logger.log_dir), "gradguard/findings"))
 
 
 def test_deep_sigmoid_mlp_reports_vanishing_at_a_low_layer(tmp_path):
@@ -262,3 +264,16 @@ def test_monitoring_does_not_change_training(tmp_path):
     plain = fit([])
     watched = fit([GradientMonitor(per_parameter=True, histogram_every_n_steps=1, figure_every_n_steps=2, warn=False)])
     assert all(torch.equal(plain[k], watched[k]) for k in plain)
+
+
+def test_heatmap_columns_stay_bounded_on_long_runs():
+    from lightning_gradguard.callbacks.gradient_monitor import HEATMAP_COLUMNS
+
+    mon = GradientMonitor()
+    for k in range(3000):
+        mon._add_column(10 * k, {"net.1": 1.0}, {"net.1": 0.1})
+    steps = [c[0] for c in mon._columns]
+    assert HEATMAP_COLUMNS // 2 <= len(steps) <= HEATMAP_COLUMNS
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] >= 10 * (3000 - 2 * mon._thin)
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    assert gaps == {10 * mon._thin}  # evenly thinned, not a dense tail after a sparse head

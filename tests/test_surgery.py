@@ -161,6 +161,89 @@ def test_functional_activations_are_rewritten_with_fx_or_reported():
     assert net(torch.randn(3, 4)).shape == (3, 2)
 
 
+# ------------------------------------------------------------------------------------- idempotence
+def _tree(net):
+    """The module tree: every module's path and type, every parameter's and buffer's path and shape."""
+    return ([(n, type(m).__name__) for n, m in net.named_modules()],
+            [(n, tuple(t.shape)) for n, t in net.state_dict().items()])
+
+
+def _twice(net, surgery):
+    first = surgery(net)
+    tree, spec = _tree(net), surgery_spec(net)
+    second = surgery(net)
+    assert first, "the first call must change something, or the test proves nothing"
+    assert [c for c in second if c.after != "-"] == []  # "not replaceable" rows are reported again, nothing changes
+    assert _tree(net) == tree and surgery_spec(net) == spec
+    return net
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(input_batchnorm=True), dict(position="after_activation"),
+                                dict(position="after_activation", input_batchnorm=True)])
+def test_insert_batchnorm_twice_is_once(kw):
+    net = _twice(mlp(), lambda m: insert_batchnorm(m, **kw))
+    assert net(torch.randn(4, 8)).shape == (4, 3)
+
+
+def test_insert_batchnorm_after_functional_or_nested_activations_twice_is_once():
+    _twice(Nested(), lambda m: insert_batchnorm(m, position="after_activation"))
+
+
+def test_replace_activation_modules_twice_is_once():
+    net = _twice(mlp(), lambda m: replace_activations(m, {"sigmoid": {"name": "prelu", "num_parameters": "per-channel"},
+                                                           "tanh": {"name": "leaky_relu", "negative_slope": 0.2}}))
+    with torch.no_grad():
+        net[1].weight.fill_(0.5)
+    same_target = {"leaky_relu": {"name": "leaky_relu", "negative_slope": 0.2}, "prelu": "prelu"}
+    assert replace_activations(net, same_target) == [] and float(net[1].weight[0]) == 0.5  # trained slopes kept
+
+
+def test_replace_functional_activations_twice_is_once_and_a_second_mapping_still_applies():
+    net = _twice(Nested(), lambda m: replace_activations(m, {"relu": "elu"}))
+    assert not isinstance(net, torch.fx.GraphModule)  # root forward: reported, not rewritten
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sigmoid(F.relu(self.fc(x)))
+
+    net = _twice(nn.Sequential(Inner(), nn.Linear(4, 2)), lambda m: replace_activations(m, {"relu": "elu"}))
+    changes = replace_activations(net, {"sigmoid": "tanh"})  # the rewritten module is rewritten again
+    assert [c.path for c in changes] == ["0.gradguard_act_1"]
+    assert isinstance(net[0].gradguard_act_0, nn.ELU) and isinstance(net[0].gradguard_act_1, nn.Tanh)
+    assert net(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_restore_twice_is_once():
+    net = mlp()
+    insert_batchnorm(net, position="after_activation")
+    replace_activations(net, {"sigmoid": "elu", "tanh": "elu"})
+    checkpoint = {"gradguard_surgery": surgery_spec(net), "state_dict": net.state_dict()}
+    fresh = _twice(mlp(), lambda m: restore(m, checkpoint))
+    assert _tree(fresh) == _tree(net)
+    fresh.load_state_dict(checkpoint["state_dict"])
+
+
+def test_a_chain_of_replacements_is_refused():
+    with pytest.raises(ValueError, match=r"mapping\['sigmoid'\] -> 'tanh' is itself a source"):
+        replace_activations(mlp(), {"sigmoid": "tanh", "tanh": "elu"})
+    with pytest.raises(ValueError, match="a chain is not idempotent"):
+        ActivationReplacement({"sigmoid": "leaky_relu", "leaky_relu": {"name": "leaky_relu", "negative_slope": 0.2}})
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+def test_batchnorm_type_follows_the_layers_base_class():
+    net = nn.Sequential(MyConv(1, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    insert_batchnorm(net)
+    assert type(net[0].post) is nn.BatchNorm2d and type(net[2].post) is nn.BatchNorm1d
+
+
 # ------------------------------------------------------------------------------------------ Trainer
 def _trainer(tmp_path, callbacks, **kw):
     opts = dict(max_epochs=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="tb"),

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_gradguard.callbacks._lightning_internals import after_configure_model, fit_dataloader
 from lightning_gradguard.graph import is_weighted
 
 
@@ -19,31 +20,19 @@ def run_when_model_exists(pl_module: "pl.LightningModule", action: Callable[[], 
     """Run ``action`` now if the module has layers, else right after its ``configure_model``.
 
     Lightning calls ``configure_model`` after the callbacks' ``setup`` and before a checkpoint restore and
-    ``configure_optimizers``; no callback hook lies in between, so the instance's ``configure_model`` is
-    wrapped once and put back after it has run.
+    ``configure_optimizers``; no callback hook lies in between (see :mod:`._lightning_internals`).
     """
     if has_weighted_layers(pl_module):
         action()
-        return
-    original = pl_module.configure_model
-
-    def configure_model_then_act() -> None:
-        try:
-            original()
-        finally:
-            if pl_module.__dict__.get("configure_model") is configure_model_then_act:
-                del pl_module.__dict__["configure_model"]
-        action()
-
-    pl_module.configure_model = configure_model_then_act  # type: ignore[method-assign]
+    else:
+        after_configure_model(pl_module, action)
 
 
 def train_dataloader(trainer: "pl.Trainer") -> Optional[Any]:
     """The fit's training dataloader during ``setup``: the datamodule's, else the one given to ``fit``."""
     if trainer.datamodule is not None:
         return trainer.datamodule.train_dataloader()
-    source = trainer.fit_loop._data_source
-    return source.dataloader() if source.is_defined() else None
+    return fit_dataloader(trainer)
 
 
 def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Callable[[], Any]:
@@ -65,24 +54,3 @@ def sample_batch_provider(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
         return batch
 
     return provide
-
-
-def resume_checkpoint_path(trainer: "pl.Trainer") -> Optional[str]:
-    """The ``ckpt_path`` the running ``trainer.fit`` will restore, if any, while still in ``setup``.
-
-    Lightning restores checkpoints after the callbacks' ``setup`` and sets ``trainer.ckpt_path`` only then;
-    the path is a local of ``Trainer._run`` until that point, so it is read from that frame. Best effort:
-    ``None`` when it cannot be found (then the restore simply overwrites what ``setup`` did).
-    """
-    import inspect
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-                path = frame.f_locals.get("ckpt_path")
-                return str(path) if path else None
-            frame = frame.f_back
-    finally:
-        del frame
-    return trainer.ckpt_path

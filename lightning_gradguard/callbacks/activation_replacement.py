@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gradguard._validation import check_bool
 from lightning_gradguard.callbacks._surgery_base import SurgeryCallback
 from lightning_gradguard.graph import NORM_TYPES
-from lightning_gradguard.surgery import SOURCE_NAMES, Change, normalize_target, replace_activations
+from lightning_gradguard.surgery import Change, replace_activations
+from lightning_gradguard.surgery.activations import normalize_mapping
 
 
 class ActivationReplacement(SurgeryCallback):
@@ -52,15 +53,7 @@ class ActivationReplacement(SurgeryCallback):
         owner = type(self).__name__
         if mapping is None:
             mapping = {"sigmoid": "elu", "tanh": "elu"}
-        if not isinstance(mapping, Mapping):
-            raise TypeError(f"{owner}: mapping={mapping!r} must be a mapping of source activation -> target")
-        self.mapping: dict[str, dict[str, Any]] = {}
-        for source, target in mapping.items():
-            if source not in SOURCE_NAMES:
-                raise ValueError(f"{owner}: mapping key {source!r} is not one of: {', '.join(SOURCE_NAMES)}")
-            if not isinstance(target, (str, Mapping)):
-                raise TypeError(f"{owner}: mapping[{source!r}]={target!r} must be a name or a mapping with 'name'")
-            self.mapping[str(source)] = normalize_target(owner, source, target)
+        self.mapping: dict[str, dict[str, Any]] = normalize_mapping(owner, mapping)
         self.verbose = check_bool(owner, "verbose", verbose)
 
     @property

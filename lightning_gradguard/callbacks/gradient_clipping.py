@@ -1,4 +1,5 @@
-"""``GradientClipping``: value, norm, AGC or percentile (AutoClip) clipping at the optimizer step."""
+"""``GradientClipping``: value, norm, AGC, percentile (AutoClip) or z-score (ZClip) clipping at the optimizer
+step, and skipping of whole optimizer steps (loss/grad-norm spikes, non-finite gradients)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
 from lightning_gradguard.clipping import (
-    PercentileClipper, adaptive_clip_, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_, global_norm,
+    PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_,
+    clip_by_value_,
+    global_norm,
 )
+from lightning_gradguard.step_skip import SKIP_MODES, SpikeDetector, StepSkipper
 from lightning_gradguard.graph import find_layers
 
-ALGORITHMS = ("value", "norm", "agc", "percentile")
+ALGORITHMS = ("value", "norm", "agc", "percentile", "zscore", "none")
 ON_NONFINITE = ("skip", "warn", "raise")
+SKIP_SPIKES = ("loss", "grad_norm", "both")
 
 
 def first_nonfinite_parameter(pl_module: torch.nn.Module, params: list[torch.Tensor]) -> Optional[str]:
@@ -33,73 +38,145 @@ class GradientClipping(Callback):
     """Clip gradients after they are final: after backward, AMP's unscale and DDP's all-reduce, once per
     optimizer step (so with ``accumulate_grad_batches`` only the accumulated gradient is clipped), for the
     parameters of the optimizer being stepped (each optimizer under manual optimization, where
-    ``optimizer.step()`` runs the same hook).
+    ``optimizer.step()`` runs the same hook). Optionally skips whole optimizer steps (spikes, non-finite).
 
     Args:
         algorithm: ``value`` (each element into [-threshold, threshold]), ``norm`` (global ``norm_type``-norm
             at most ``threshold``; ``per_layer=True`` for each layer's own norm), ``agc`` (unit-wise
             ‖g‖/max(‖w‖, ``eps``) ≤ ``threshold``; the output layer is skipped unless
             ``agc_clip_output_layer``), ``percentile`` (AutoClip: the ``percentile``-th percentile of past
-            global norms, over the last ``history_size``; ``warmup_steps`` steps at ``warmup_threshold``).
+            global norms, over the last ``history_size``; ``warmup_steps`` steps at ``warmup_threshold``),
+            ``zscore`` (ZClip, exactly as ``zclip.ZClip``: see below), or ``none`` (no clipping: only the
+            logged norms, ``on_nonfinite`` and ``skip_spikes``).
+        threshold: the clipping threshold; for ``zscore`` ZClip's ``max_grad_norm`` (the plain norm cap during
+            warm-up and the cap on every clip target afterwards; ``None``: no cap, allowed for ``zscore`` only).
+        eps: AGC's floor on ‖w‖ (default ``1e-3``) or ZClip's ``eps`` in the z-score denominator (``1e-6``);
+            ``None`` picks the algorithm's default.
+        warmup_steps: steps before AutoClip uses its history (default 10) or before ZClip initializes its EMA
+            from the norms seen (default 25); ``None`` picks the algorithm's default.
+        z_thresh, ema_decay, clip_option, clip_factor, skip_update_on_spike: ZClip's ``z_thresh`` (2.5),
+            ``alpha`` (0.97), ``clip_option`` (``adaptive_scaling``: clip a spike to mean + z_thresh²/z·std,
+            or ``mean``), ``clip_factor`` (1.0, multiplies the adaptive target) and ``skip_update_on_spike``
+            (False: the EMA takes the clipped norm; True: a spike leaves it unchanged). See
+            :class:`~lightning_gradguard.clipping.ZScoreClipper` for the exact order of operations.
+        skip_spikes: skip the whole optimizer step (weights and optimizer state untouched) when the ``loss``,
+            the global ``grad_norm`` (before clipping) or either (``both``, as OLMo-core) is more than
+            ``skip_sigma`` standard deviations above its mean over the previous ``skip_window`` steps, once
+            ``skip_min_samples`` steps are recorded (default ``max(3, skip_window // 2)``). OLMo-core's
+            defaults: 6 σ over 128 steps. Decided on the device; the loss is the sum of the losses passed
+            to backward since the last step (the mean loss under ``accumulate_grad_batches``), averaged over
+            ranks (one on-device all-reduce).
+        skip_mode: how a step is skipped: ``auto`` (default), ``restore`` (sync-free: copy parameters and
+            optimizer state, step, put them back with ``torch.where``) or ``sync`` (read the flag on the
+            host, don't step). See :mod:`lightning_gradguard.step_skip` for the costs.
         on_nonfinite: ``warn`` (default), ``raise`` (naming the first parameter with a NaN/Inf gradient),
-            or ``skip`` (zero all gradients of that step, counted in ``gradguard/clip/nonfinite_steps``).
-            ``warn``/``raise`` read one flag from the device per step; ``skip`` never waits for the device.
-            Under ``16-mixed`` with a gradient scaler, non-finite gradients are AMP overflows that the scaler
-            skips by itself: they are counted as ``gradguard/clip/amp_overflow_steps`` and not warned about.
+            or ``skip`` (skip the whole optimizer step, by the same mechanism as ``skip_spikes``, counted in
+            ``gradguard/clip/nonfinite_steps``). ``warn``/``raise`` read one flag from the device per step;
+            ``skip`` never waits for the device (but see ``skip_mode``). Under ``16-mixed`` with a gradient
+            scaler, non-finite gradients are AMP overflows that the scaler skips by itself: they are counted
+            as ``gradguard/clip/amp_overflow_steps`` and not warned about.
 
     Logs (through ``pl_module.log``, so every logger gets them) under ``gradguard/clip/``: ``norm_before``,
-    ``norm_after``, ``threshold`` (value/norm/percentile), ``clipped_fraction`` (steps clipped so far /
-    steps), ``nonfinite_steps``.
+    ``norm_after``, ``threshold`` (value/norm/percentile/zscore; for zscore ZClip's effective clip value,
+    ``min(spike target or the norm, threshold)``), ``clipped_fraction`` (steps clipped so far / steps), ``nonfinite_steps``, and
+    ``skipped_steps`` (whole optimizer steps skipped so far) when skipping is on.
 
     Raises:
         ValueError / TypeError: bad arguments, at construction.
-        MisconfigurationException: ``Trainer(gradient_clip_val=...)`` is also set (it would clip twice), or
-            a fused optimizer under 16-mixed (its gradients are still scaled in this hook).
+        MisconfigurationException: ``Trainer(gradient_clip_val=...)`` is also set (it would clip twice), a
+            fused optimizer under 16-mixed (its gradients are still scaled in this hook), or LBFGS with
+            step skipping.
 
     Example::
 
         from lightning_gradguard import GradientClipping
         trainer = Trainer(callbacks=[GradientClipping("norm", threshold=1.0)])
         trainer = Trainer(callbacks=[GradientClipping("percentile", percentile=10)])
+        trainer = Trainer(callbacks=[GradientClipping("zscore", skip_spikes="loss")])  # ZClip + OLMo-core skipping
     """
 
     def __init__(
         self,
-        algorithm: Literal["value", "norm", "agc", "percentile"] = "norm",
-        threshold: float = 1.0,
+        algorithm: Literal["value", "norm", "agc", "percentile", "zscore", "none"] = "norm",
+        threshold: Optional[float] = 1.0,
         norm_type: Union[float, Literal["inf"]] = 2.0,
         per_layer: bool = False,
-        eps: float = 1e-3,
+        eps: Optional[float] = None,
         agc_clip_output_layer: bool = False,
         percentile: float = 10.0,
         history_size: int = 1000,
-        warmup_steps: int = 10,
+        warmup_steps: Optional[int] = None,
         warmup_threshold: Optional[float] = None,
+        z_thresh: float = 2.5,
+        ema_decay: float = 0.97,
+        clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+        skip_spikes: Optional[Literal["loss", "grad_norm", "both"]] = None,
+        skip_sigma: float = 6.0,
+        skip_window: int = 128,
+        skip_min_samples: Optional[int] = None,
+        skip_mode: Literal["auto", "restore", "sync"] = "auto",
         on_nonfinite: Literal["skip", "warn", "raise"] = "warn",
     ) -> None:
         owner = type(self).__name__
         self.algorithm = check_choice(owner, "algorithm", algorithm, ALGORITHMS)
-        self.threshold = check_number(owner, "threshold", threshold, min_value=0.0, min_inclusive=False)
+        self.threshold = check_number(owner, "threshold", threshold, min_value=0.0, min_inclusive=False, allow_none=True)
+        if threshold is None and self.algorithm != "zscore":
+            raise ValueError(f"{owner}: threshold=None (no cap) needs algorithm='zscore', not algorithm={algorithm!r}")
         if norm_type not in (2, 2.0, "inf", float("inf")):
             raise ValueError(f"{owner}: norm_type={norm_type!r} is not one of: 2, inf")
         self.norm_type = "inf" if norm_type in ("inf", float("inf")) else 2.0
+        if self.algorithm == "zscore" and self.norm_type != 2.0:
+            raise ValueError(f"{owner}: norm_type={norm_type!r} is not allowed with algorithm='zscore' (ZClip uses the L2 norm)")
         self.per_layer = check_bool(owner, "per_layer", per_layer)
         if self.per_layer and self.algorithm != "norm":
             raise ValueError(f"{owner}: per_layer=True needs algorithm='norm', not algorithm={algorithm!r}")
-        self.eps = check_number(owner, "eps", eps, min_value=0.0, min_inclusive=False)
+        eps = check_number(owner, "eps", eps, min_value=0.0, min_inclusive=False, allow_none=True)
+        self.eps = eps if eps is not None else (1e-6 if self.algorithm == "zscore" else 1e-3)
         self.agc_clip_output_layer = check_bool(owner, "agc_clip_output_layer", agc_clip_output_layer)
         self.percentile = check_number(owner, "percentile", percentile, min_value=0.0, max_value=100.0)
         self.history_size = check_number(owner, "history_size", history_size, min_value=1, integer=True)
-        self.warmup_steps = check_number(owner, "warmup_steps", warmup_steps, min_value=0, integer=True)
+        warmup_steps = check_number(owner, "warmup_steps", warmup_steps, min_value=0, integer=True, allow_none=True)
+        self.warmup_steps = warmup_steps if warmup_steps is not None else (25 if self.algorithm == "zscore" else 10)
+        if self.algorithm == "zscore" and self.warmup_steps < 1:
+            raise ValueError(f"{owner}: warmup_steps={warmup_steps!r} must be >= 1 with algorithm='zscore'")
         self.warmup_threshold = check_number(
             owner, "warmup_threshold", warmup_threshold, min_value=0.0, min_inclusive=False, allow_none=True
         )
+        self.z_thresh = check_number(owner, "z_thresh", z_thresh, min_value=0.0, min_inclusive=False)
+        self.ema_decay = check_number(owner, "ema_decay", ema_decay, min_value=0.0, max_value=1.0, max_inclusive=False)
+        self.clip_option = check_choice(owner, "clip_option", clip_option, ("adaptive_scaling", "mean"))
+        self.clip_factor = check_number(owner, "clip_factor", clip_factor, min_value=0.0, min_inclusive=False)
+        self.skip_update_on_spike = check_bool(owner, "skip_update_on_spike", skip_update_on_spike)
+        if skip_spikes is not None:
+            check_choice(owner, "skip_spikes", skip_spikes, SKIP_SPIKES)
+        self.skip_spikes = skip_spikes
+        self.skip_sigma = check_number(owner, "skip_sigma", skip_sigma, min_value=0.0, min_inclusive=False)
+        self.skip_window = check_number(owner, "skip_window", skip_window, min_value=2, integer=True)
+        self.skip_min_samples = check_number(
+            owner, "skip_min_samples", skip_min_samples, min_value=3, max_value=self.skip_window + 1, integer=True,
+            allow_none=True,
+        )
+        self.skip_mode = check_choice(owner, "skip_mode", skip_mode, SKIP_MODES)
         self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, ON_NONFINITE)
         self._percentile = (
-            PercentileClipper(percentile, history_size, warmup_steps, warmup_threshold, self.norm_type)
+            PercentileClipper(percentile, history_size, self.warmup_steps, warmup_threshold, self.norm_type)
             if self.algorithm == "percentile"
             else None
         )
+        self._zscore = (
+            ZScoreClipper(self.ema_decay, self.z_thresh, self.threshold, self.eps, self.warmup_steps, self.clip_option,
+                          self.clip_factor, self.skip_update_on_spike)
+            if self.algorithm == "zscore"
+            else None
+        )
+        self._detectors = {
+            kind: SpikeDetector(self.skip_sigma, self.skip_window, self.skip_min_samples)
+            for kind in (("loss", "grad_norm") if skip_spikes == "both" else (skip_spikes,) if skip_spikes else ())
+        }
+        self._skipper = StepSkipper(self.skip_mode) if (skip_spikes or self.on_nonfinite == "skip") else None
+        self._loss: Optional[torch.Tensor] = None
         self._steps = torch.zeros((), dtype=torch.long)
         self._clipped = torch.zeros((), dtype=torch.long)
         self._nonfinite = torch.zeros((), dtype=torch.long)
@@ -124,9 +201,8 @@ class GradientClipping(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         layers = find_layers(pl_module)
-        if self.algorithm == "agc" and not self.agc_clip_output_layer and layers:
-            output = layers[-1].module  # the last weighted layer in forward order (NFNets leave it unclipped)
-            self._skip_ids = {id(p) for p in output.parameters()}
+        if self.algorithm == "agc" and not self.agc_clip_output_layer:
+            self._skip_ids = agc_exempt_params(pl_module, layers)
         if self.per_layer:
             self._layer_groups = [list(info.module.parameters()) for info in layers]
             covered = {id(p) for g in self._layer_groups for p in g}
@@ -140,6 +216,45 @@ class GradientClipping(Callback):
                     f"precision={trainer.precision!r} the gradients are still scaled when clipping runs. Use a "
                     "non-fused optimizer (fused=False) or bf16-mixed."
                 )
+        if self._skipper is not None:
+            for opt in trainer.optimizers:  # after configure_optimizers (and any LR scheduler's own wrapper)
+                try:
+                    self._skipper.attach(opt)
+                except ValueError as err:
+                    raise MisconfigurationException(
+                        f"GradientClipping(skip_spikes={self.skip_spikes!r}, on_nonfinite={self.on_nonfinite!r}): "
+                        f"{err}; turn step skipping off or use another optimizer"
+                    ) from None
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._skipper is not None:
+            self._skipper.detach_all()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self._skipper is not None:
+            self._skipper.detach_all()  # also after an exception
+
+    # ------------------------------------------------------------------------------- the loss, per batch
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # a new optimizer step begins
+            self._loss = None
+            if self._skipper is not None:
+                self._skipper.discard()  # a request left by a step the AMP scaler did not take
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        if "loss" not in self._detectors:
+            return
+        loss = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            loss = loss / scaler._scale.to(loss.device)  # 16-mixed passes the scaled loss to this hook
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._skipper is not None:  # after the optimizer step: the count includes this step
+            pl_module.log("gradguard/clip/skipped_steps", self._skipper.skipped.float(), on_step=True, on_epoch=False,
+                          batch_size=1)
 
     # ------------------------------------------------------------------------------- the step
     def on_before_optimizer_step(
@@ -169,12 +284,16 @@ class GradientClipping(Callback):
                 clip_by_norm_(params, self.threshold, self.norm_type, total_norm=before)
         elif self.algorithm == "agc":
             adaptive_clip_([p for p in params if id(p) not in self._skip_ids], self.threshold, self.eps)
-        else:
+        elif self.algorithm == "zscore":
+            assert self._zscore is not None and before is not None
+            _, threshold = self._zscore.clip_(params, total_norm=before)
+        elif self.algorithm == "percentile":
             assert self._percentile is not None
             before, threshold = self._percentile.clip_(params)
             proceed, before = self._handle_nonfinite(trainer, pl_module, params, before)
             if not proceed:
                 return
+        self._request_spike_skip(trainer, before)
         after = global_norm(params, self.norm_type)
         self._steps += 1
         self._clipped += (after < before * (1 - 1e-6)).long()
@@ -185,13 +304,30 @@ class GradientClipping(Callback):
         for key, value in metrics.items():
             pl_module.log(f"gradguard/clip/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)
 
+    def _request_spike_skip(self, trainer: "pl.Trainer", grad_norm: torch.Tensor) -> None:
+        """Ask the skipper to skip this step when the loss or grad norm is a spike (decided on the device)."""
+        if not self._detectors or self._skipper is None:
+            return
+        spike = torch.zeros((), dtype=torch.bool, device=grad_norm.device)
+        if "grad_norm" in self._detectors:
+            spike = spike | self._detectors["grad_norm"].update(grad_norm)  # global already (DDP all-reduced)
+        loss, self._loss = self._loss, None
+        if "loss" in self._detectors and loss is not None:
+            loss = loss.to(grad_norm.device)
+            if _distributed(trainer):  # every rank must decide alike: the mean loss over ranks, on the device
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.SUM)
+                loss = loss / trainer.world_size
+            spike = spike | self._detectors["loss"].update(loss)
+        self._skipper.request(spike)
+
     def _handle_nonfinite(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: list[torch.Tensor], norm: torch.Tensor
     ) -> tuple[bool, torch.Tensor]:
-        """(go on clipping?, the norm to use): a non-finite step under warn is left alone; under skip its
-        gradients are zeroed and its norm reads 0, so the clipping that follows leaves them at zero."""
+        """(go on clipping?, the norm to use): a non-finite step under warn is left alone; under skip the whole
+        optimizer step is skipped (the clipping that follows may leave NaN in the gradients: they are never
+        applied)."""
         finite = torch.isfinite(norm)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed(trainer):
             # every rank must take the same decision (a gradient changed after DDP's all-reduce may differ);
             # an on-device all-reduce, on every rank, before any rank-dependent branch
             flag = (~finite).float()
@@ -203,10 +339,10 @@ class GradientClipping(Callback):
             pl_module.log("gradguard/clip/amp_overflow_steps", self._amp_overflow.float(), on_step=True, batch_size=1)
             return True, norm  # clip_by_norm_ with an inf norm leaves inf/nan grads, which the scaler sees
         if self.on_nonfinite == "skip":
+            assert self._skipper is not None
             self._nonfinite += (~finite).long()
-            for p in params:  # zero the step's gradients without reading the flag on the host
-                p.grad.mul_(finite.to(p.grad.dtype)).nan_to_num_(0.0, 0.0, 0.0)
-            return True, torch.where(finite, norm, torch.zeros_like(norm))
+            self._skipper.request(~finite)  # no host read: the skipper decides on the device
+            return True, norm
         if bool(finite):  # one flag crosses to the host per step for warn/raise
             return True, norm
         self._nonfinite += 1
@@ -216,7 +352,7 @@ class GradientClipping(Callback):
             f"(global norm {float(norm)})"
         )
         if self.on_nonfinite == "raise":
-            raise FloatingPointError(message + "; set on_nonfinite='skip' to zero such steps instead")
+            raise FloatingPointError(message + "; set on_nonfinite='skip' to skip such steps instead")
         warnings.warn(message + "; gradients left unclipped (on_nonfinite='warn')", RuntimeWarning, stacklevel=2)
         return False, norm
 
@@ -240,6 +376,12 @@ class GradientClipping(Callback):
         }
         if self._percentile is not None:
             state["percentile"] = self._percentile.state_dict()
+        if self._zscore is not None:
+            state["zscore"] = self._zscore.state_dict()
+        for kind, detector in self._detectors.items():
+            state[f"spikes_{kind}"] = detector.state_dict()
+        if self._skipper is not None:
+            state["skipper"] = self._skipper.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -249,3 +391,14 @@ class GradientClipping(Callback):
         self._amp_overflow = torch.tensor(state_dict.get("amp_overflow", 0))
         if self._percentile is not None and "percentile" in state_dict:
             self._percentile.load_state_dict(state_dict["percentile"])
+        if self._zscore is not None and "zscore" in state_dict:
+            self._zscore.load_state_dict(state_dict["zscore"])
+        for kind, detector in self._detectors.items():
+            if f"spikes_{kind}" in state_dict:
+                detector.load_state_dict(state_dict[f"spikes_{kind}"])
+        if self._skipper is not None and "skipper" in state_dict:
+            self._skipper.load_state_dict(state_dict["skipper"])
+
+
+def _distributed(trainer: "pl.Trainer") -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal, Optional
 
@@ -13,13 +12,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
-from lightning_gradguard.health import HealthDetector, LayerRow
-from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_metrics, log_text
+from lightning_gradguard._text import markdown_table
+from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
+from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
 from lightning_gradguard.stats import (
     ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, grad_statistics, histogram, layer_groups, snapshot,
     to_host, unit_dim_for, update_ratios, weight_norms,
 )
 
+
+
+HEATMAP_COLUMNS = 512
 
 
 class GradientMonitor(Callback):
@@ -33,12 +36,17 @@ class GradientMonitor(Callback):
     forward hooks attached for that step's forward only, ``act_mean``, ``act_std``, ``act_dead_frac``
     (ReLU units at 0 for the whole batch), ``act_saturated_frac`` (sigmoid/tanh within ``saturation_eps``
     of a bound). Tags are ``<statistic>/<layer>`` (one TensorBoard section per statistic, one chart per
-    layer), plus ``gradguard/grad_norm_total``, ``gradguard/flow_ratio`` (first / last weighted layer's
-    gradient norm) and ``gradguard/nonfinite_total``, and a custom-scalars layout overlaying all layers.
-    Histograms (``hist_grad/``, ``hist_weight/``, ``hist_act/``) every ``histogram_every_n_steps`` (binned on
-    the device), a gradient-flow image (``gradguard/gradient_flow``) every ``figure_every_n_steps`` and at
-    the end of fit. Findings (see :mod:`lightning_gradguard.health`) become warnings and TensorBoard text
-    ``gradguard/findings``; a summary is printed and logged at the end of fit.
+    layer), plus ``log10_grad_norm/<layer>`` (the same norm in decades, so the custom-scalars overlay of all
+    layers stays readable when norms span 1 to 1e-16), ``gradguard/grad_norm_total``, ``gradguard/flow_ratio``
+    (first / last weighted layer's gradient norm) and ``gradguard/nonfinite_total``, and a custom-scalars
+    layout overlaying all layers. Histograms (``hist_grad/<layer>/<weight|bias>``, ``hist_weight/...``,
+    ``hist_act/<layer>``) every ``histogram_every_n_steps`` (binned on the device). Pictures, every
+    ``figure_every_n_steps`` and at the end of fit: ``gradguard/heatmap`` (layer × step, log10 gradient norm
+    and log10 update ratio, the weighted layers in forward order; up to 512 step columns, older ones thinned
+    by halving) and ``gradguard/gradient_flow`` (norms of the last logging step, earlier ones in grey).
+    Text (markdown tables): ``gradguard/layers`` (name, type, activation, init scheme applied, frozen),
+    ``gradguard/findings`` (step, layer, kind, finding, what to do; see :mod:`lightning_gradguard.health`;
+    each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
     Memory: on a logging step the hooks keep references to the observed activation outputs (no copies)
     until the step ends, where they are reduced together, same-shaped layers in one batch.
@@ -130,6 +138,10 @@ class GradientMonitor(Callback):
         self._nf_reported = False
         self._history: list[list[float]] = []
         self._last_norms: Optional[list[float]] = None
+        # the heatmap's columns: (step, {layer: grad norm}, {layer: update ratio}), at most HEATMAP_COLUMNS
+        self._columns: list[tuple[int, dict[str, float], dict[str, float]]] = []
+        self._thin = 1  # keep every _thin-th logging step once the columns were halved
+        self._seen_log_steps = 0
 
     @property
     def state_key(self) -> str:
@@ -146,6 +158,7 @@ class GradientMonitor(Callback):
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
+                "log10 gradient norm, all layers": ["Multiline", ["log10_grad_norm/.*"]],
                 "gradient norm, all layers": ["Multiline", ["grad_norm/.*"]],
                 "update/weight ratio, all layers": ["Multiline", ["update_ratio/.*"]],
                 "dead units, all layers": ["Multiline", ["act_dead_frac/.*"]],
@@ -154,9 +167,12 @@ class GradientMonitor(Callback):
             }
         }
         log_layout(trainer, layout)
-        layers = [{"name": g.name, "type": g.description, "activation": g.activation, "frozen": g.frozen}
-                  for g in self.groups]
-        log_text(trainer, "gradguard/layers", json.dumps(layers), step=0)  # forward order, for `gradguard report`
+        self._param_names = [_param_names(g) for g in self.groups]
+        schemes = _init_schemes(trainer)
+        rows = [(g.name, g.description, g.activation or "-", schemes.get(g.name, "-"), "yes" if g.frozen else "no")
+                for g in self.groups]
+        # forward order; `gradguard report` reads this table back
+        log_markdown(trainer, "gradguard/layers", markdown_table(LAYER_COLUMNS, rows), step=0)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self._every == 0
@@ -283,13 +299,23 @@ class GradientMonitor(Callback):
         try:
             self._finish_step(trainer, step)
         finally:
-            self._logging = False
-            self._grad.clear()
-            self._before.clear()
-            self._acts.clear()
-            self._act_out.clear()
-            self._act_hists.clear()
-            self._remove_hooks()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
+        self._logging = False
+        self._grad.clear()
+        self._before.clear()
+        self._acts.clear()
+        self._act_out.clear()
+        self._act_hists.clear()
+        self._remove_hooks()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._end_step()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._end_step()
 
     def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
         idx = sorted(self._grad)
@@ -304,20 +330,7 @@ class GradientMonitor(Callback):
         acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
         nf = [t.float() for t in (self._nf_seen, self._nf_step) if t is not None]
         nf_layers = self._nf_params.float() if self._nf_params is not None else torch.zeros(0, device=dev)
-        hist_tags: list[str] = []
-        hists: list[torch.Tensor] = []
-        if self._is_hist_step(step):
-            for g in sub:
-                for k, p in enumerate(g.params):
-                    suffix = f"{g.name}" if len(g.params) == 1 else f"{g.name}/{k}"
-                    if p.grad is not None:
-                        hist_tags.append(f"hist_grad/{suffix}")
-                        hists.append(histogram(p.grad, self.histogram_bins))
-                    hist_tags.append(f"hist_weight/{suffix}")
-                    hists.append(histogram(p, self.histogram_bins))
-            for i, h in self._act_hists.items():
-                hist_tags.append(f"hist_act/{self.groups[i].name}")
-                hists.append(h)
+        hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
         host = to_host(grad, wnorm, ratio, acts, *nf, nf_layers, *hists)  # the one device → host transfer
         grad_h, wnorm_h, ratio_h, acts_h = host[0], host[1], host[2], host[3]
         nf_h = host[4 : 4 + len(nf)]
@@ -331,6 +344,8 @@ class GradientMonitor(Callback):
             values = grad_h[j * k : (j + 1) * k]
             for name, v in zip(GRAD_STATS, values):
                 metrics[f"{name}/{g.name}"] = v
+            metrics[f"log10_grad_norm/{g.name}"] = math.log10(values[0]) if 0 < values[0] < math.inf else (
+                -30.0 if values[0] == 0 else float("nan"))
             metrics[f"weight_norm/{g.name}"] = wnorm_h[j]
             metrics[f"update_ratio/{g.name}"] = ratio_h[j]
             a = act_rows.get(i)
@@ -350,34 +365,74 @@ class GradientMonitor(Callback):
         log_metrics(trainer, metrics, step)
         for tag, values in zip(hist_tags, hist_h):
             log_histogram(trainer, tag, values, step)
-        self._last_norms, self._last_names = norms, [g.name for g in sub]
-        self._history = (self._history + [norms])[-10:]
+        pic = [j for j, g in enumerate(sub) if g.info is not None] or list(range(len(sub)))  # weighted layers
+        self._last_norms, self._last_names = [norms[j] for j in pic], [sub[j].name for j in pic]
+        self._history = (self._history + [self._last_norms])[-10:]
+        self._add_column(step, {sub[j].name: norms[j] for j in pic}, {sub[j].name: ratio_h[j] for j in pic})
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
             self._draw(trainer, step)
         if self.detect:
-            amp = getattr(trainer.precision_plugin, "scaler", None) is not None
-            if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
-                # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
-                bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
-                bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
-                            for i in bad_groups]
-                self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
-            self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
-            self._report(trainer, self.detector.update(step, rows, total, amp))
+            self._detect(trainer, step, rows, total, nf_h, nf_layers_h)
+
+    def _histograms(self, idx: list[int], sub: list) -> tuple[list[str], list[torch.Tensor]]:
+        """Tags (``<layer>/<weight|bias|...>``) and on-device bin counts of every gradient, weight and recorded
+        activation of ``sub`` (the groups at indices ``idx``)."""
+        hist_tags: list[str] = []
+        hists: list[torch.Tensor] = []
+        for i, g in zip(idx, sub):
+            for pname, p in zip(self._param_names[i], g.params):
+                suffix = f"{g.name}/{pname}" if pname else g.name
+                if p.grad is not None:
+                    hist_tags.append(f"hist_grad/{suffix}")
+                    hists.append(histogram(p.grad, self.histogram_bins))
+                hist_tags.append(f"hist_weight/{suffix}")
+                hists.append(histogram(p, self.histogram_bins))
+        for i, h in self._act_hists.items():
+            hist_tags.append(f"hist_act/{self.groups[i].name}")
+            hists.append(h)
+        return hist_tags, hists
+
+    def _detect(self, trainer: "pl.Trainer", step: int, rows: list, total: float, nf_h: list, nf_layers_h: Any) -> None:
+        amp = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if nf_h and nf_h[0][0] > 0 and not self._nf_reported:
+            # the first step with NaN/Inf (perhaps between logging steps): report the layers recorded then
+            bad_groups = sorted({gi for gi, flag in zip(self._nf_key, nf_layers_h) if flag > 0})
+            bad_rows = [LayerRow(self.groups[i].name, self.groups[i].label(), None, float("nan"), 1.0)
+                        for i in bad_groups]
+            self._report(trainer, self.detector.update(int(nf_h[1][0]), bad_rows, float("nan"), amp))
+        self._nf_reported = bool(nf_h and nf_h[0][0] > 0) or self._nf_reported
+        self._report(trainer, self.detector.update(step, rows, total, amp))
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
         for f in findings:
             if self.warn:
                 rank_zero_warn(f"gradguard: {f.message}")
-            log_text(trainer, "gradguard/findings", f"[{f.kind}] {f.message}", step=f.step)  # flushes
+            log_markdown(trainer, "gradguard/findings", findings_markdown([f]), step=f.step)  # flushes
+
+    def _add_column(self, step: int, norms: dict[str, float], ratios: dict[str, float]) -> None:
+        """One heatmap column per logging step; past HEATMAP_COLUMNS every other column is dropped and from
+        then on only every other logging step is kept (memory stays bounded on long runs)."""
+        self._seen_log_steps += 1
+        if (self._seen_log_steps - 1) % self._thin:
+            return
+        self._columns.append((step, norms, ratios))
+        if len(self._columns) > HEATMAP_COLUMNS:
+            self._columns = self._columns[::2]
+            self._thin *= 2
 
     def _draw(self, trainer: "pl.Trainer", step: int) -> None:
         if not self._last_norms or not trainer.is_global_zero:
             return
-        from lightning_gradguard.figures import gradient_flow_image
+        from lightning_gradguard.figures import gradient_flow_image, gradient_heatmap_image
 
         img = gradient_flow_image(self._last_names, self._last_norms, f"gradient flow, step {step}", self._history[:-1])
         log_image(trainer, "gradguard/gradient_flow", img, step)
+        names = self._last_names
+        steps = [c[0] for c in self._columns]
+        heat = gradient_heatmap_image(
+            names, steps, [[c[1].get(n) for c in self._columns] for n in names],
+            [[c[2].get(n) for c in self._columns] for n in names], f"gradients by layer and step, up to step {step}")
+        log_image(trainer, "gradguard/heatmap", heat, step)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
@@ -385,7 +440,8 @@ class GradientMonitor(Callback):
         if self.detect:
             summary = self.detector.summary()
             rank_zero_info(summary)
-            log_text(trainer, "gradguard/summary", summary, step=trainer.global_step)
+            md = summary_markdown(self.detector.findings) if self.detector.findings else summary
+            log_markdown(trainer, "gradguard/summary", md, step=trainer.global_step)
         flush(trainer)
 
     # ------------------------------------------------------------------------------- state
@@ -395,3 +451,64 @@ class GradientMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self._nf_reported = bool(state_dict.get("nonfinite_reported", False))
+
+
+LAYER_COLUMNS = ("layer", "type", "activation", "init", "frozen")
+FINDING_COLUMNS = ("step", "layer", "kind", "finding", "what to do")
+
+
+def _param_names(group: Any) -> list[str]:
+    """Each parameter's own name (``weight``, ``bias``, ``weight_ih_l0``, ...) in the group's order."""
+    own = {id(p): n for n, p in group.module.named_parameters(recurse=False)}
+    names = [own.get(id(p), str(k)) for k, p in enumerate(group.params)]
+    if len(names) == 1 and group.name.endswith("." + names[0]):
+        return [""]  # per_parameter=True: the group is already named after its parameter
+    return names
+
+
+def _init_schemes(trainer: "pl.Trainer") -> dict[str, str]:
+    """Layer name -> init scheme applied, from the WeightInitialization callbacks on the Trainer (GradGuard's too)."""
+    from lightning_gradguard.callbacks.weight_init import WeightInitialization
+
+    found: dict[str, str] = {}
+    for cb in trainer.callbacks:
+        for c in (cb, *getattr(cb, "subs", {}).values()):
+            if isinstance(c, WeightInitialization):
+                for r in c.records:
+                    found[r.layer] = r.scheme
+    # after BatchNormInsertion a layer lives on as `<name>.layer` inside its wrapper
+    return {**found, **{f"{k}.layer": v for k, v in found.items()}}
+
+
+def _split_message(f: Finding) -> tuple[str, str]:
+    """A finding's message without its ``step N:`` prefix and without the remedy (its own column)."""
+    msg = f.message
+    prefix = f"step {f.step}: "
+    if msg.startswith(prefix):
+        msg = msg[len(prefix):]
+    remedy = REMEDY.get(f.kind, "")
+    if remedy and msg.endswith("; " + remedy):
+        msg = msg[: -len(remedy) - 2]
+    return msg, remedy or "-"
+
+
+def findings_markdown(findings: list[Finding]) -> str:
+    """Findings as a markdown table: step, layer, kind, finding, what to do (``gradguard report`` reads it back)."""
+    rows = []
+    for f in findings:
+        msg, remedy = _split_message(f)
+        rows.append((str(f.step), f"`{f.layer}`", f.kind, msg, remedy))
+    return markdown_table(FINDING_COLUMNS, rows)
+
+
+def summary_markdown(findings: list[Finding]) -> str:
+    """The end-of-fit summary: one row per (kind, layer) with how often and when first seen."""
+    seen: dict[tuple[str, str], list[Finding]] = {}
+    for f in findings:
+        seen.setdefault((f.kind, f.layer), []).append(f)
+    rows = []
+    for (kind, layer), fs in seen.items():
+        msg, remedy = _split_message(fs[0])
+        rows.append((kind, f"`{layer}`", str(len(fs)), str(fs[0].step), msg, remedy))
+    head = ("kind", "layer", "times", "first step", "finding", "what to do")
+    return f"**{len(findings)} findings**\n\n" + markdown_table(head, rows)

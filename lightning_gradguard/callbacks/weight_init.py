@@ -9,9 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number, check_patterns
-from lightning_gradguard.callbacks._common import (
-    resume_checkpoint_path, run_when_model_exists, sample_batch_provider,
-)
+from lightning_gradguard.callbacks._common import run_when_model_exists, sample_batch_provider
+from lightning_gradguard.callbacks._lightning_internals import checkpoint_path_in_setup
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
 from lightning_gradguard.init import (
     AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, FAN_CONVENTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
@@ -108,7 +107,7 @@ class WeightInitialization(Callback):
         if stage != "fit" or getattr(pl_module, _DONE_ATTR, False):
             return
         run_surgery_first(trainer, pl_module, stage)  # init must see the final layers and activations
-        self.resumed_from = resume_checkpoint_path(trainer)
+        self.resumed_from = checkpoint_path_in_setup(trainer)
         if self.resumed_from:  # a trained model is never re-initialized
             self.resumed = True
             setattr(pl_module, _DONE_ATTR, True)

@@ -3,7 +3,6 @@ a zoo of model types, LightningCLI, and diagnostics that meet an exotic module."
 
 from __future__ import annotations
 
-import json
 
 import lightning.pytorch as pl
 import pytest
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import (
     ActivationReplacement, BatchNormInsertion, GradientClipping, GradientMonitor, WeightInitialization,
 )
+from lightning_gradguard._text import parse_markdown_table
 from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
 from tests.helpers import load_events, read_texts
 
@@ -235,10 +235,10 @@ def test_model_zoo(tmp_path, name):
     events = load_events(trainer.logger.log_dir)
     assert len(events.Scalars("gradguard/clip/norm_before")) == 3
     assert any(t.startswith("grad_norm/") for t in events.Tags()["scalars"])
-    layers = json.loads(read_texts(events, "gradguard/layers")[0].strip())
+    layers = parse_markdown_table(read_texts(events, "gradguard/layers")[0])
     # every trainable weighted layer, those inside torch containers (TransformerEncoder, MultiheadAttention)
     # included, is found by the monitor, has its own gradient-norm tag, and was initialized
-    found = {row["name"] for row in layers}
+    found = {row["layer"] for row in layers}
     init_table = "\n".join(read_texts(events, "gradguard/init"))
     assert init_table, "WeightInitialization wrote no init table"
     weighted = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
@@ -253,7 +253,7 @@ def test_model_zoo(tmp_path, name):
         assert f"grad_norm/{mname}" in events.Tags()["scalars"], mname
         assert mname in init_table, f"{mname} was not initialized:\n{init_table}"
     if name == "frozen":
-        assert {"name": "body.pretrained", "frozen": True}.items() <= next(l for l in layers if l["name"] == "body.pretrained").items()
+        assert {"layer": "body.pretrained", "frozen": "yes"}.items() <= next(l for l in layers if l["layer"] == "body.pretrained").items()
         assert all(not t.endswith("/body.pretrained") for t in events.Tags()["scalars"] if t.startswith("grad_norm/"))
 
 

@@ -1,0 +1,98 @@
+"""Functional activations (``F.relu(x)``, ``x.sigmoid()``) inside a submodule's ``forward``, replaced by
+rewriting that submodule with ``torch.fx`` into a ``GraphModule`` that calls an activation module instead.
+
+Idempotent without bookkeeping: a rewritten module no longer calls the replaced functions, so a second pass
+finds nothing; a later pass with another mapping rewrites what is left.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Optional
+
+import torch.fx
+from torch import nn
+
+from lightning_gradguard.activations import activation_function_name, activation_method_name, activation_module_name
+from lightning_gradguard.surgery._common import Change, build_activation, layer_width, n_params, set_submodule
+
+
+def _functional_nodes(graph: Any, specs: dict) -> list[tuple[Any, str]]:
+    out = []
+    for node in graph.nodes:
+        name = None
+        if node.op == "call_function":
+            name = activation_function_name(node.target)
+        elif node.op == "call_method":
+            name = activation_method_name(node.target)
+        if name in specs:
+            out.append((node, name))
+    return out
+
+
+def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
+    """Rewrite each submodule whose own ``forward`` calls a functional activation named in ``specs``."""
+    class _Leafy(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return True  # trace only the module's own forward
+
+    changes: list[Change] = []
+    for path, mod in list(model.named_modules()):
+        if len(list(mod.children())) == 0 and not path or activation_module_name(mod) is not None:
+            continue  # an activation module's own forward (F.prelu in nn.PReLU) is swapped, not rewritten
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = _Leafy().trace(mod)
+        except Exception:  # noqa: BLE001
+            if _source_mentions(mod, specs):
+                changes.append(Change(path or "(root)", "functional activation", "-", 0,
+                                      "not replaceable: torch.fx cannot trace this module's forward"))
+            continue
+        found = _functional_nodes(graph, specs)
+        if not found:
+            continue
+        if not path:
+            for node, name in found:
+                changes.append(Change(f"(root).{node.name}", f"{name} (functional)", "-", 0,
+                                      "not replaceable: in the root module's forward; use an activation module"))
+            continue
+        base = type(mod).__name__
+        gm = torch.fx.GraphModule(mod, graph, class_name=base if base.endswith("Rewritten") else f"{base}Rewritten")
+        for node, name in found:
+            new = build_activation(specs[name], None if specs[name].get("num_parameters") != "per-channel" else _prev_width(node, mod))
+            attr = _free_name(gm)
+            gm.add_module(attr, new)
+            with gm.graph.inserting_after(node):
+                repl = gm.graph.call_module(attr, args=(node.args[0],))
+            node.replace_all_uses_with(repl)
+            gm.graph.erase_node(node)
+            changes.append(Change(f"{path}.{attr}", f"{name} (functional)", repr(new), n_params(new), "fx rewrite"))
+        gm.graph.lint()
+        gm.recompile()
+        set_submodule(model, path, gm)
+    return changes
+
+
+def _free_name(gm: nn.Module) -> str:
+    """``gradguard_act_<k>`` with the first k not taken (a rewritten module can be rewritten again)."""
+    k = 0
+    while hasattr(gm, f"gradguard_act_{k}"):
+        k += 1
+    return f"gradguard_act_{k}"
+
+
+def _prev_width(node: Any, mod: nn.Module) -> Optional[int]:
+    arg = node.args[0] if node.args else None
+    if getattr(arg, "op", None) == "call_module":
+        return layer_width(mod.get_submodule(arg.target))
+    return None
+
+
+def _source_mentions(mod: nn.Module, specs: dict) -> bool:
+    try:
+        src = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        return False
+    return any(f"{name}(" in src for name in specs)
