@@ -78,6 +78,8 @@ SCHEMES = ("auto", *NAMED_SCHEMES, "variance_scaling", "orthogonal", "lsuv", "ze
 #: per-layer override values (lsuv and auto are whole-model choices)
 LAYER_SCHEMES = tuple(s for s in SCHEMES if s not in ("auto", "lsuv"))
 AUTO_DISTRIBUTIONS = ("normal", "uniform")
+#: how fans are counted where conventions differ: ``data_flow`` (default) or ``keras`` (see :func:`compute_fans`)
+FAN_CONVENTIONS = ("data_flow", "keras")
 BIAS_POLICIES = ("zeros", "ones", "keep")
 
 GLOROT_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "log_softmax", "linear", "unknown")
@@ -86,8 +88,10 @@ LECUN_ACTIVATIONS = ("selu",)
 
 
 # ------------------------------------------------------------------------------------------ fans
-def compute_fans(module: nn.Module, weight: Optional[torch.Tensor] = None, blocks: int = 1) -> tuple[int, int]:
-    """(fan_in, fan_out) of ``weight`` as the layer's data flow sees it.
+def compute_fans(
+    module: nn.Module, weight: Optional[torch.Tensor] = None, blocks: int = 1, convention: str = "data_flow"
+) -> tuple[int, int]:
+    """(fan_in, fan_out) of ``weight`` as the layer's data flow sees it (``convention="data_flow"``).
 
     - Linear ``(out, in)``: (in, out). Conv ``(out, in/groups, *k)``: (in/groups·∏k, out·∏k), as Keras.
     - ConvTranspose ``(in, out/groups, *k)``: (in·∏k / groups, out/groups·∏k)... the input and output
@@ -97,16 +101,25 @@ def compute_fans(module: nn.Module, weight: Optional[torch.Tensor] = None, block
     - RNN/LSTM/GRU ``weight_ih`` ``(gates·hidden, in)``: per gate block (in, hidden); ``weight_hh``:
       (hidden, hidden). Pass ``blocks`` = the number of gate blocks.
 
+    ``convention="keras"`` counts fans as Keras 3 does from its kernel shapes, where the two differ:
+    a ``Conv*Transpose`` kernel is ``(*k, filters, in)`` there, so fan_in = filters·∏k and fan_out =
+    in·∏k (the data flow's roles swapped); a recurrent kernel is one ``(in, gates·units)`` matrix, so
+    fan_out counts every gate (pass ``blocks=1``). Everything else is identical in both conventions.
+
     Example:
         >>> compute_fans(nn.Conv2d(3, 16, 5))
         (75, 400)
+        >>> compute_fans(nn.ConvTranspose2d(3, 16, 5)), compute_fans(nn.ConvTranspose2d(3, 16, 5), convention="keras")
+        ((75, 400), (400, 75))
     """
+    check_choice("compute_fans", "convention", convention, FAN_CONVENTIONS)
     w = weight if weight is not None else module.weight
     if is_transposed_linear(module):
         return w.shape[0], w.shape[1]  # Hugging Face Conv1D: (in, out)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         rf = math.prod(w.shape[2:])
-        return w.shape[0] * rf // module.groups, w.shape[1] * rf
+        data_flow = (w.shape[0] * rf // module.groups, w.shape[1] * rf)
+        return data_flow[::-1] if convention == "keras" else data_flow
     if isinstance(module, nn.modules.conv._ConvNd):
         rf = math.prod(w.shape[2:])
         return w.shape[1] * rf, w.shape[0] * rf
@@ -240,6 +253,7 @@ def initialize(
     scheme: str = "auto",
     *,
     distribution: str = "normal",
+    fan_convention: str = "data_flow",
     scale: float = 1.0,
     mode: str = "fan_in",
     vs_distribution: str = "truncated_normal",
@@ -262,6 +276,10 @@ def initialize(
             ``vs_distribution``), ``orthogonal`` (with ``gain``), ``lsuv`` (needs ``sample_input``),
             ``zeros`` or ``ones``.
         distribution: for ``auto``: ``normal`` (Keras's truncated ``*_normal``) or ``uniform``.
+        fan_convention: ``data_flow`` (default: ConvTranspose fans from its input/output channels, RNN
+            input weights per gate block, recurrent weights orthogonal per gate block) or ``keras``
+            (Keras 3's kernel-shape fans: ConvTranspose roles swapped, whole-kernel RNN fans, one
+            orthogonal matrix for the whole recurrent kernel). See :func:`compute_fans`.
         bias: ``zeros``, ``ones`` or ``keep``.
         overrides: module-name pattern → scheme, e.g. ``{"encoder.*": "lecun_normal"}``; first match wins.
         exclude: module-name patterns left untouched.
@@ -277,6 +295,7 @@ def initialize(
     owner = "initialize"
     check_choice(owner, "scheme", scheme, SCHEMES)
     check_choice(owner, "distribution", distribution, AUTO_DISTRIBUTIONS)
+    check_choice(owner, "fan_convention", fan_convention, FAN_CONVENTIONS)
     check_choice(owner, "bias", bias, BIAS_POLICIES)
     overrides = dict(overrides or {})
     for pattern, value in overrides.items():
@@ -324,7 +343,10 @@ def initialize(
             layer_scale = 2.0 / (1.0 + info.slope**2)
         skip = {pid: owner for pid, owner in tied.items() if owner != info.name}
         records.append(
-            _init_layer(info, layer_scheme, layer_scale, mode, vs_distribution, gain, bias, generator, auto=scheme == "auto", skip=skip)
+            _init_layer(
+                info, layer_scheme, layer_scale, mode, vs_distribution, gain, bias, generator,
+                auto=scheme == "auto", skip=skip, fan_convention=fan_convention,
+            )
         )
     if scheme == "lsuv":
         if sample_input is None:
@@ -392,6 +414,7 @@ def _record(info: LayerInfo, scheme: str, fan: int, target: float, note: str, sh
 def _init_layer(
     info: LayerInfo, scheme: str, scale: float, mode: str, vs_distribution: str, gain: float, bias: str,
     generator: Optional[torch.Generator], auto: bool, skip: Optional[Mapping[int, str]] = None,
+    fan_convention: str = "data_flow",
 ) -> InitRecord:
     m = info.module
     opts = dict(scale=scale, mode=mode, distribution=vs_distribution, gain=gain)
@@ -412,11 +435,11 @@ def _init_layer(
             blocks = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
             if pname.startswith("weight_hh") and auto:
                 block_scheme = "orthogonal"  # Keras's recurrent_initializer
-            if pname.startswith("weight_hr"):
-                blocks = 1
+            if pname.startswith("weight_hr") or fan_convention == "keras":
+                blocks = 1  # Keras: one (in, gates·units) kernel, one orthogonal recurrent matrix
         elif isinstance(m, nn.MultiheadAttention) and pname == "in_proj_weight":
             blocks = 3
-        fans = compute_fans(m, p, blocks)  # a DTensor's shape is the global one
+        fans = compute_fans(m, p, blocks, fan_convention)  # a DTensor's shape is the global one
         rows = p.shape[0] // blocks
         with materialized(p.data) as full:  # FSDP2 shard: fill the full tensor, keep this rank's part
             for b in range(blocks):
@@ -443,5 +466,5 @@ def _init_layer(
 
 __all__ = [
     "initialize", "kept_layers", "variance_scaling_", "compute_fans", "auto_scheme", "format_table", "InitRecord",
-    "SCHEMES", "NAMED_SCHEMES", "TRUNCATED_NORMAL_STD",
+    "SCHEMES", "NAMED_SCHEMES", "TRUNCATED_NORMAL_STD", "FAN_CONVENTIONS",
 ]

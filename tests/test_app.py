@@ -47,7 +47,14 @@ def test_callbacks_none_and_default(compose_cfg):
     for choice in ("none", "default"):
         cfg = compose_cfg([f"callbacks={choice}"])
         _, _, trainer = build(cfg)
-        assert trainer.callbacks is not None
+        ours = sorted(type(cb).__name__ for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_gradguard"))
+        wanted = sorted(entry["_target_"].rsplit(".", 1)[1] for entry in (cfg.get("callbacks") or {}).values())
+        assert ours == wanted, (choice, ours, wanted)
+        assert ours == ["GradientMonitor"]  # the monitor is on by default; no remedy until chosen
+    _, _, trainer = build(compose_cfg(["callbacks=none", "~gradguard/monitor"]))
+    assert not [cb for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_gradguard")]
+    _, _, trainer = build(compose_cfg(["gradguard/clip=norm", "gradguard/init=auto"]))
+    assert {"GradientMonitor", "GradientClipping", "WeightInitialization"} <= {type(cb).__name__ for cb in trainer.callbacks}
 
 
 def test_fit_writes_tensorboard_events_that_read_back(compose_cfg, capsys, caplog):

@@ -14,7 +14,7 @@ from lightning_gradguard.callbacks._lightning_internals import checkpoint_path_i
 from lightning_gradguard.callbacks._surgery_base import run_surgery_first
 from lightning_gradguard.distributed import broadcast_object, check_strategy
 from lightning_gradguard.init import (
-    AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
+    AUTO_DISTRIBUTIONS, BIAS_POLICIES, DISTRIBUTIONS, FAN_CONVENTIONS, LAYER_SCHEMES, MODES, SCHEMES, InitRecord, format_table,
     initialize,
 )
 from lightning_gradguard.reporting import log_text, print_table
@@ -34,6 +34,8 @@ class WeightInitialization(Callback):
         scheme: ``auto`` (default), ``glorot_uniform``, ``glorot_normal``, ``he_uniform``, ``he_normal``,
             ``lecun_uniform``, ``lecun_normal``, ``variance_scaling``, ``orthogonal``, ``lsuv``, ``zeros``, ``ones``.
         distribution: for ``auto``: ``normal`` (truncated, Keras's ``*_normal``) or ``uniform``.
+        fan_convention: ``data_flow`` (default) or ``keras``: how ConvTranspose and recurrent fans are
+            counted where the two differ (see :func:`lightning_gradguard.init.compute_fans`).
         scale, mode, vs_distribution: for ``variance_scaling``.
         gain: for ``orthogonal``.
         bias: ``zeros`` (default), ``ones`` or ``keep``.
@@ -64,6 +66,7 @@ class WeightInitialization(Callback):
             "variance_scaling", "orthogonal", "lsuv", "zeros", "ones",
         ] = "auto",
         distribution: Literal["normal", "uniform"] = "normal",
+        fan_convention: Literal["data_flow", "keras"] = "data_flow",
         scale: float = 1.0,
         mode: Literal["fan_in", "fan_out", "fan_avg"] = "fan_in",
         vs_distribution: Literal["truncated_normal", "untruncated_normal", "uniform"] = "truncated_normal",
@@ -81,6 +84,7 @@ class WeightInitialization(Callback):
         owner = type(self).__name__
         self.scheme = check_choice(owner, "scheme", scheme, SCHEMES)
         self.distribution = check_choice(owner, "distribution", distribution, AUTO_DISTRIBUTIONS)
+        self.fan_convention = check_choice(owner, "fan_convention", fan_convention, FAN_CONVENTIONS)
         self.scale = check_number(owner, "scale", scale, min_value=0.0, min_inclusive=False)
         self.mode = check_choice(owner, "mode", mode, MODES)
         self.vs_distribution = check_choice(owner, "vs_distribution", vs_distribution, DISTRIBUTIONS)
@@ -120,7 +124,8 @@ class WeightInitialization(Callback):
 
         def apply() -> None:
             self.records = initialize(
-                pl_module, self.scheme, distribution=self.distribution, scale=self.scale, mode=self.mode,
+                pl_module, self.scheme, distribution=self.distribution, fan_convention=self.fan_convention,
+                scale=self.scale, mode=self.mode,
                 vs_distribution=self.vs_distribution, gain=self.gain, bias=self.bias, overrides=self.overrides,
                 exclude=self.exclude, strict=self.strict, seed=self.seed,
                 sample_input=broadcast_object(sample()) if self.scheme == "lsuv" else sample, lsuv_tol=self.lsuv_tol,

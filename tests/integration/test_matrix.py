@@ -236,6 +236,22 @@ def test_model_zoo(tmp_path, name):
     assert len(events.Scalars("gradguard/clip/norm_before")) == 3
     assert any(t.startswith("grad_norm/") for t in events.Tags()["scalars"])
     layers = parse_markdown_table(read_texts(events, "gradguard/layers")[0])
+    # every trainable weighted layer, those inside torch containers (TransformerEncoder, MultiheadAttention)
+    # included, is found by the monitor, has its own gradient-norm tag, and was initialized
+    found = {row["layer"] for row in layers}
+    init_table = "\n".join(read_texts(events, "gradguard/init"))
+    assert init_table, "WeightInitialization wrote no init table"
+    weighted = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
+    for mname, module in model.named_modules():
+        if not isinstance(module, weighted) or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if name == "tied" and mname.endswith(".out"):
+            continue  # the tied output layer's weight is the embedding's: reported under the owner
+        assert mname in found, f"{mname} ({type(module).__name__}) not found; layers: {sorted(found)}"
+        if mname.endswith("unused"):
+            continue  # no gradient ever reaches it
+        assert f"grad_norm/{mname}" in events.Tags()["scalars"], mname
+        assert mname in init_table, f"{mname} was not initialized:\n{init_table}"
     if name == "frozen":
         assert {"layer": "body.pretrained", "frozen": "yes"}.items() <= next(l for l in layers if l["layer"] == "body.pretrained").items()
         assert all(not t.endswith("/body.pretrained") for t in events.Tags()["scalars"] if t.startswith("grad_norm/"))
