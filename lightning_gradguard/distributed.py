@@ -11,9 +11,12 @@ tensor (replicated, as under DDP) is counted by global rank 0 only (:func:`count
 mesh spans only part of the world is scaled by ``mesh size / world size`` (exact for powers of two).
 
 Example:
+    >>> model = torch.nn.Linear(3, 2)
+    >>> model(torch.ones(4, 3)).sum().backward()
     >>> grads = [p.grad for p in model.parameters()]          # DTensor shards or plain tensors
     >>> total = global_norm(grads)                            # the norm of the full gradients, all ranks
-    >>> decision = broadcast_object({"clip": True})           # rank 0's object on every rank
+    >>> broadcast_object({"clip": True})                      # rank 0's object on every rank
+    {'clip': True}
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def check_strategy(strategy: Any, owner: str) -> None:
     Decided from the class names of ``strategy``'s type and its bases (no DeepSpeed import needed).
 
     Example:
-        >>> check_strategy(trainer.strategy, "GradientClipping")   # DeepSpeedStrategy -> RuntimeError
+        >>> class DeepSpeedStrategy: ...
+        >>> check_strategy(DeepSpeedStrategy(), "GradientClipping")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: GradientClipping...DeepSpeedStrategy...
     """
     for cls in type(strategy).__mro__:
         reason = UNSUPPORTED_STRATEGIES.get(cls.__name__)
@@ -120,7 +127,10 @@ def reduce_sum_max(
     the inputs come back unchanged. Every rank must call it (it is a collective).
 
     Example:
-        >>> sums, maxes = reduce_sum_max(torch.stack([sq, numel]), torch.stack([abs_max]))
+        >>> g = torch.tensor([3.0, -4.0])
+        >>> sums, maxes = reduce_sum_max(torch.stack([g.square().sum(), torch.tensor(2.0)]), g.abs().max().view(1))
+        >>> sums.tolist(), maxes.tolist()                       # one process: unchanged
+        ([25.0, 2.0], [4.0])
     """
     if maxes is None:
         maxes = torch.zeros(0, device=sums.device)
@@ -192,8 +202,9 @@ def materialized(param: torch.Tensor) -> Iterator[torch.Tensor]:
     the same generator on every rank gives exactly the unsharded model's values, whatever the sharding.
 
     Example:
-        >>> with materialized(layer.weight) as w:
-        ...     torch.nn.init.normal_(w, generator=g)
+        >>> layer, g = torch.nn.Linear(4, 2), torch.Generator().manual_seed(0)
+        >>> with materialized(layer.weight) as w:                # a plain tensor: the weight itself
+        ...     _ = torch.nn.init.normal_(w, generator=g)
     """
     if not is_dtensor(param):
         yield param
@@ -211,7 +222,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     For decisions taken once (on rank 0) that every rank must apply identically, e.g. GradGuard's remedies.
 
     Example:
-        >>> decisions = broadcast_object(decide() if rank == 0 else None)
+        >>> rank = 0                                  # torch.distributed.get_rank() under several processes
+        >>> broadcast_object(["init", "clipping"] if rank == 0 else None)
+        ['init', 'clipping']
     """
     _, world = _world()
     if world == 1:

@@ -40,6 +40,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_gradguard.distributed import full_tensor
+
 #: top singular value / random-matrix edge above which a weight counts as trained
 TRAINED_RATIO = 1.3
 #: parameter-path fragments of adapters that carry their own init
@@ -49,7 +51,7 @@ ADAPTER_MARKERS = ("lora_", "ia3_", "adapter_")
 def spectral_ratio(weight: torch.Tensor, iterations: int = 30) -> Optional[float]:
     """Largest singular value of ``weight`` (flattened to ``(rows, rest)``) over std·(√rows + √cols);
     ``None`` when a side is below 4 or the weight is constant."""
-    w = weight.detach().float().flatten(1) if weight.dim() > 1 else None
+    w = full_tensor(weight.detach()).float().flatten(1) if weight.dim() > 1 else None  # an FSDP2 shard: whole
     if w is None or min(w.shape) < 4:
         return None
     std = w.std()
