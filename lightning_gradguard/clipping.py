@@ -49,6 +49,14 @@ def _norm_type(norm_type: Union[float, str]) -> float:
     return float("inf") if norm_type in ("inf", float("inf")) else float(norm_type)
 
 
+def masked_slot_write_(buf: torch.Tensor, slot: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:
+    """``buf[slot] = value`` where ``write`` is true, for 0-dim device tensors ``slot``/``write``/``value``,
+    without a host sync (indexing with a device scalar, ``buf[slot]``, reads it on the host on a GPU)."""
+    idx = slot.reshape(1)
+    old = buf.index_select(0, idx)
+    buf.index_copy_(0, idx, torch.where(write, value.to(buf.dtype).reshape(1), old))
+
+
 def global_norm(params: Iterable[torch.Tensor], norm_type: Union[float, str] = 2.0) -> torch.Tensor:
     """The p-norm of all gradients together (as ``clip_grad_norm_`` computes it), a 0-dim tensor.
 
@@ -244,7 +252,7 @@ class ZScoreClipper:
         # warm-up: record, clip at the cap like clip_grad_norm_, initialize on the last warm-up call
         warm = (self.count < self.warmup_steps) & finite
         slot = torch.clamp(self.count, max=self.warmup_steps - 1)
-        self.buffer[slot] = torch.where(warm, g, self.buffer[slot])
+        masked_slot_write_(self.buffer, slot, warm, g)
         just_initialized = warm & (self.count + 1 >= self.warmup_steps)
         buf_mean = self.buffer.mean()
         buf_var = (self.buffer - buf_mean).pow(2).mean()
@@ -346,7 +354,7 @@ class PercentileClipper:
         self._to(total.device)
         finite = torch.isfinite(total)
         slot = self.count % self.history_size
-        self.history[slot] = torch.where(finite, total, self.history[slot])  # non-finite norms never poison it
+        masked_slot_write_(self.history, slot, finite, total)  # non-finite norms never poison it
         self.count += finite.long()
         thr = self.threshold()
         warm = self.count < self.warmup_steps

@@ -56,6 +56,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lightning_gradguard.clipping import masked_slot_write_
+
 SKIP_MODES = ("auto", "restore", "sync")
 
 
@@ -110,7 +112,7 @@ class SpikeDetector:
         limit = mean + self.sigma * var.sqrt()
         spike = active & (x > limit)
         slot = self.count % self.window
-        self.history[slot] = torch.where(finite, torch.where(spike, limit, x), self.history[slot])
+        masked_slot_write_(self.history, slot, finite, torch.where(spike, limit, x))
         self.count = self.count + finite.long()
         return spike
 

@@ -390,7 +390,7 @@ class GradientMonitor(Callback):
         new_hard = (top > self.exploding_hard_norm) & (self._hard[0] == 0)
         if key not in self._nf_index:
             self._nf_index[key] = torch.tensor(key, device=dev, dtype=torch.float32)
-        group = self._nf_index[key][at]
+        group = self._nf_index[key].index_select(0, at.reshape(1)).squeeze(0)  # no host read of `at`
         cand = torch.stack([torch.ones((), device=dev), torch.full((), float(step), device=dev), top, group])
         self._hard = torch.where(new_hard, cand, self._hard)
 
