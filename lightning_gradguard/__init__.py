@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Normalized": "lightning_gradguard.surgery",
     "HealthDetector": "lightning_gradguard.health",
     "Finding": "lightning_gradguard.health",
+    "LayerRow": "lightning_gradguard.health",
     "layer_groups": "lightning_gradguard.stats",
     "grad_statistics": "lightning_gradguard.stats",
     "clip_by_value_": "lightning_gradguard.clipping",
@@ -83,7 +84,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from lightning_gradguard.activations import register_activation
     from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
     from lightning_gradguard.graph import LayerInfo, find_layers
-    from lightning_gradguard.health import Finding, HealthDetector
+    from lightning_gradguard.health import Finding, HealthDetector, LayerRow
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
     from lightning_gradguard.stats import grad_statistics, layer_groups
     from lightning_gradguard.step_skip import SpikeDetector, StepSkipper

@@ -38,15 +38,10 @@ from lightning_gradguard.distributed import local_tensors
 from lightning_gradguard.graph import LayerInfo, find_layers
 
 Tensors = Sequence[torch.Tensor]
-NORM_TYPES = (2.0, "inf")
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
-
-
-def _norm_type(norm_type: Union[float, str]) -> float:
-    return float("inf") if norm_type in ("inf", float("inf")) else float(norm_type)
 
 
 def masked_slot_write_(buf: torch.Tensor, slot: torch.Tensor, write: torch.Tensor, value: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gradguard._validation import check_bool, check_choice, check_number
-from lightning_gradguard.distributed import any_dtensor, check_strategy, local
+from lightning_gradguard.distributed import any_dtensor, check_strategy, is_multi_process, local
 from lightning_gradguard.clipping import (
     PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_,
     clip_by_value_,
@@ -428,4 +428,4 @@ class GradientClipping(Callback):
 
 
 def _distributed(trainer: "pl.Trainer") -> bool:
-    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    return trainer.world_size > 1 and is_multi_process()
