@@ -42,6 +42,12 @@ def test_init_sweep_script_reports_the_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("test accuracy:") == 3
     assert "comparison" in proc.stdout and "gradguard/init=lecun_normal" in proc.stdout
+    # README's report example is this sweep's output, digit for digit (examples/report_numbers.py writes it)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._readme import read_block
+    from examples.report_numbers import excerpt
+
+    assert excerpt(proc.stdout).strip() == read_block("init-sweep-report").strip()
 
 
 def test_screenshot_script_skips_without_chromium(tmp_path, monkeypatch, capsys):
@@ -63,7 +69,7 @@ def test_readme_blocks_are_the_scripts_output():
     from benchmarks._readme import read_block
 
     for name in ("zoo", "monitor-overhead", "clipping_spikes", "demo-quickstart", "demo-overrides", "demo-init", "demo-surgery",
-                 "demo-clipping"):
+                 "demo-clipping", "fault_zoo", "init-sweep-report"):
         assert read_block(name).strip(), name
 
 
