@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.integration
+from tests.integration.rank_data import rank_split_loader  # noqa: E402
 
 from lightning_gradguard import (
     ActivationReplacement, GradGuard, GradientClipping, GradientMonitor, WeightInitialization,
@@ -81,14 +83,7 @@ class Model(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(256, 16, generator=g)
-        y = torch.randint(0, 6, (256,), generator=g)
-        ws, rank = self.trainer.world_size, self.trainer.global_rank
-        data = TensorDataset(x, y)
-        # rank r takes samples r, r+2, ...: step k of the two ranks together sees one process's step-k batch
-        sampler = DistributedSampler(data, num_replicas=ws, rank=rank, shuffle=False) if ws > 1 else None
-        return DataLoader(data, batch_size=GLOBAL_BATCH // ws, shuffle=False, sampler=sampler)
+        return rank_split_loader(self.trainer.world_size, self.trainer.global_rank, classes=6, global_batch=GLOBAL_BATCH)
 
 
 def full_state(module: nn.Module) -> dict[str, list]:
