@@ -1,31 +1,38 @@
-"""The doctor: probe a model on real batches, try candidate remedies briefly, keep what measurably helps.
+"""The doctor: probe a model on real batches, race candidate remedy sets, keep what measurably helps.
 
-Torch only. The caller supplies ``loss_fn(model, batch, index) -> loss tensor`` and
-``make_optimizer(model) -> optimizer``; :class:`lightning_gradguard.GradGuard` supplies them from a
-LightningModule (its ``training_step`` and ``configure_optimizers``).
+Torch only. :func:`decide` is the whole decision: probe results and a trial runner in
+(:class:`lightning_gradguard.trials.ModelTrials`), a :class:`Diagnosis` out (the decision table, the remedies
+to apply, the race). :class:`lightning_gradguard.GradGuard` gathers the batches and calls it; a user
+without Lightning calls :func:`probe` and :func:`decide` directly.
 
-Rules (each measurement is taken on the user's model, on real training batches):
+How it decides:
 
-===============  ===========================================================================================
-remedy           candidate when                                          kept when
-===============  ===========================================================================================
-init             always (unless every weight is frozen, or turned off)   its trial loss is not worse than
-                                                                         without (×(1 + ``margin``))
-batchnorm        the flow ratio (first / last weighted layer's grad norm) its trial beats the best so far by
-                 after init is < ``flow_threshold``                       ``margin``
-activation       saturated fraction > ``saturation_threshold`` (sigmoid/   same
-                 tanh → ``saturating_target``) or dead fraction >
-                 ``dead_threshold`` (ReLU → ``dead_target``)
-activation+BN    both of the above are candidates                        same
-clipping         a recurrent layer, non-finite gradients, a gradient norm by rule; the algorithm
-                 > ``exploding_norm``, max/median norm over the probe      (percentile, AGC or z-score) by
-                 batches > ``spike_factor``, or a trial that diverged      trial (2 × ``trial_steps``)
-                 without clipping and trains with it
-===============  ===========================================================================================
+1. **Candidates.** Every combination of the remedies that are ``auto`` (init ``auto``; BatchNorm before each
+   activation; activation replacement, sigmoid/tanh to ``saturating_target`` and ReLU to ``dead_target``,
+   when the model has such activations), the ``force`` ones in every set, the ``off`` ones in none. No
+   statistic removes a candidate: BatchNorm is a candidate even when the gradient flow looks balanced.
+2. **Order.** The budget may not cover every set. They are raced in this order: no remedy (the reference),
+   then the standard recipe built up one remedy at a time (init; init + BatchNorm; init + BatchNorm +
+   activation), then the other combinations; a set whose remedies the probe flags (flow ratio off by more
+   than ``flow_threshold``, saturated or dead units above their thresholds) moves up. The statistics only
+   order; the loss decides.
+3. **Race** (successive halving, Jamieson & Talwalkar 2016; Li et al. 2017, Hyperband). Every candidate
+   trains ``trial_steps`` steps on the same batches from the same seed, then is scored on the *held-out*
+   probe batches (never trained on); the better half goes on, training twice as long in total, until two
+   are left, which share what remains of the budget. As many candidates enter as the budget covers at
+   this schedule.
+4. **Noise.** Two scores are compared batch by batch: B beats A when its mean held-out loss is lower by more
+   than ``noise_z`` standard errors of the per-batch differences, and by at least ``margin`` (relative).
+   Between the two finalists the smaller set wins unless the larger one beats it.
+5. **Do no harm.** The winner is kept only when it beats no remedy (at the last rung where both were
+   scored) beyond that noise; otherwise nothing is applied.
+6. **Clipping** is by rule, as part of every candidate: a recurrent layer, non-finite gradients, a
+   gradient norm > ``exploding_norm``, a spike max/median > ``spike_factor`` over the probe batches. When
+   every candidate diverges in the first rung, clipping joins all of them and the race starts again with the
+   budget that is left.
 
-A trial copies the model, applies the remedies to the copy, and trains it ``trial_steps`` optimizer steps;
-its score is the mean training loss of the last quarter of those steps (``inf`` if it diverged). Trials stop
-when ``budget_seconds`` is spent; a candidate not tried is not applied, and the table says so.
+The budget (passes, see :mod:`lightning_gradguard.trials`) is checked before every pass of every trial,
+the no-remedy and init trials included; a candidate the budget did not cover is reported as not raced.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from lightning_gradguard.stats import (
 )
 from lightning_gradguard.surgery import insert_batchnorm, replace_activations
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
 LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
 OptFn = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -64,6 +73,7 @@ class Probe:
     nonfinite: bool
     recurrent: bool
     activations: dict[str, Optional[str]]
+    normalized: bool = False  # the model already has a normalization layer (BatchNorm, LayerNorm, GroupNorm, ...)
 
     @property
     def spike(self) -> float:
@@ -175,6 +185,7 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
     return Probe(
         sums, flow, totals, losses, {k: sum(v) / len(v) for k, v in sat.items()}, {k: sum(v) / len(v) for k, v in dead.items()},
         nonfinite, any(isinstance(m, nn.RNNBase) for m in model.modules()), {g.name: g.activation for g in groups},
+        any(isinstance(m, _NORMS) for m in model.modules()),
     )
 
 
@@ -186,40 +197,6 @@ def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: 
         insert_batchnorm(model, **remedies["batchnorm"])
     if "init" in remedies:
         initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)))
-
-
-def trial(
-    model: nn.Module, remedies: dict[str, dict[str, Any]], batches: Iterable[Any], loss_fn: LossFn, make_optimizer: OptFn,
-    steps: int, seed: int = 0, deepcopy_memo: Optional[dict] = None,
-) -> float:
-    """Train a copy of ``model`` with ``remedies`` for ``steps`` steps; the mean loss of the last quarter."""
-    candidate = copy.deepcopy(model, deepcopy_memo if deepcopy_memo is not None else {})
-    rng = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        apply_remedies(candidate, remedies, seed=seed)
-        opt = make_optimizer(candidate)
-        clip = make_clipper(candidate, remedies["clipping"]) if "clipping" in remedies else None
-        candidate.train()
-        losses = []
-        it = iter(batches)
-        for i in range(steps):
-            batch = next(it)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(candidate, batch, i)
-            if not torch.isfinite(loss):
-                return float("inf")
-            loss.backward()
-            if clip is not None:
-                clip()
-            opt.step()
-            losses.append(float(loss.detach()))
-        tail = losses[-max(1, steps // 4):]
-        score = sum(tail) / len(tail)
-        return score if math.isfinite(score) else float("inf")
-    finally:
-        torch.set_rng_state(rng)
-        del candidate
 
 
 #: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
@@ -264,3 +241,350 @@ def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None
 
 def fmt(x: float) -> str:
     return "diverged" if not math.isfinite(x) else f"{x:.3g}"
+
+
+# ------------------------------------------------------------------------------------------- deciding
+REMEDIES = ("init", "batchnorm", "activation")  # raced; clipping is by rule (module docstring, step 6)
+
+
+@dataclass
+class DoctorOptions:
+    """What :func:`decide` may do and its thresholds (``GradGuard``'s arguments of the same names)."""
+
+    modes: dict[str, str] = field(default_factory=lambda: {r: "auto" for r in (*REMEDIES, "clipping")})
+    architecture_changes: bool = True
+    saturating_target: str = "elu"
+    dead_target: str = "leaky_relu"
+    clip_algorithm: str = "percentile"
+    flow_threshold: float = 1e-3
+    saturation_threshold: float = 0.3
+    dead_threshold: float = 0.3
+    spike_factor: float = 10.0
+    exploding_norm: float = 1e3
+    margin: float = 0.02
+    noise_z: float = 2.0
+    trial_steps: int = 6
+    init_blocked: Optional[str] = None  # why init cannot be tried (every weight frozen or loaded), else None
+
+
+@dataclass
+class RaceRow:
+    """One candidate's race: its held-out losses after each rung it ran (``steps`` optimizer steps each)."""
+
+    name: str
+    remedies: dict[str, dict[str, Any]]
+    steps: list[int] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return _mean(self.scores[-1]) if self.scores else math.inf
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`decide` returns: the decision table, the remedies to apply and the race behind them."""
+
+    decisions: list[Decision]
+    remedies: dict[str, dict[str, Any]]
+    race: list[RaceRow]
+    units: float  # passes spent (probe + trials)
+    budget_units: float
+    winner: str = "no remedy"
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.inf
+
+
+def beats(b: Sequence[float], a: Sequence[float], z: float, margin: float) -> bool:
+    """Held-out losses ``b`` are lower than ``a`` (same batches) beyond noise: the mean paired difference is below
+    ``-z`` standard errors and below ``-margin`` × mean(``a``). A finite ``b`` beats a diverged ``a``."""
+    if not all(math.isfinite(x) for x in b):
+        return False
+    if not all(math.isfinite(x) for x in a):
+        return True
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return mean < -z * se and mean < -margin * abs(_mean(a))
+
+
+def activation_mapping(probe_: Probe, options: DoctorOptions) -> dict[str, str]:
+    """The replacement for each activation of the model that activation replacement can improve."""
+    present = {a for a in probe_.activations.values() if a}
+    mapping = {a: options.saturating_target for a in SATURATING_BOUNDS if a in present}
+    mapping.update({a: options.dead_target for a in RELU_FAMILY if a in present})
+    return {k: v for k, v in mapping.items() if k != v}
+
+
+def clip_reasons(probe_: Probe, options: DoctorOptions) -> list[str]:
+    """Why clipping is needed by rule (empty: it is not)."""
+    reasons = []
+    if probe_.recurrent:
+        reasons.append("recurrent layer")
+    if probe_.nonfinite:
+        reasons.append("non-finite gradients")
+    big = max((n for n in probe_.total_norms if math.isfinite(n)), default=0.0)
+    if big > options.exploding_norm:
+        reasons.append(f"grad norm {big:.3g} > {options.exploding_norm:g}")
+    if probe_.spike > options.spike_factor:
+        reasons.append(f"norm spike ×{probe_.spike:.3g}")
+    return reasons
+
+
+def flags(probe_: Probe, options: DoctorOptions) -> dict[str, str]:
+    """The remedies the probe statistics point to, with the measurement (used to order candidates only)."""
+    out = {"init": "always tried first"}
+    flow = probe_.flow_ratio
+    if not probe_.normalized and (flow < options.flow_threshold or flow > 1 / options.flow_threshold):
+        out["batchnorm"] = f"flow ratio {flow:.2g}"
+    act = []
+    if probe_.max_saturated > options.saturation_threshold:
+        act.append(f"saturated {probe_.max_saturated:.0%}")
+    if probe_.max_dead > options.dead_threshold:
+        act.append(f"dead units {probe_.max_dead:.0%}")
+    if act:
+        out["activation"] = ", ".join(act)
+    return out
+
+
+def candidates(probe_: Probe, options: DoctorOptions) -> list[dict[str, dict[str, Any]]]:
+    """The candidate remedy sets in race order (module docstring, steps 1-2); the first is the reference."""
+    mapping = activation_mapping(probe_, options)
+    choices: dict[str, list[bool]] = {}
+    for r in REMEDIES:
+        mode = options.modes[r]
+        possible = {"init": options.init_blocked is None, "batchnorm": not probe_.normalized, "activation": bool(mapping)}[r]
+        choices[r] = [True] if mode == "force" and possible else ([False, True] if mode == "auto" and possible else [False])
+    options_of = {"init": {"scheme": "auto", **({"force": True} if options.modes["init"] == "force" else {})},
+                  "batchnorm": {"position": "before_activation"}, "activation": {"mapping": mapping}}
+    flagged = flags(probe_, options)
+    ladder = [(), ("init",), ("init", "batchnorm"), ("init", "batchnorm", "activation")]
+    sets = []
+    for i in range(8):
+        chosen = tuple(r for j, r in enumerate(REMEDIES) if i >> j & 1)
+        if all(choices[r] == [True] or (r in chosen) in choices[r] for r in REMEDIES):
+            chosen = tuple(r for r in REMEDIES if r in chosen or choices[r] == [True])
+            if chosen not in sets:
+                sets.append(chosen)
+
+    def order(s: tuple[str, ...]) -> tuple:
+        # the reference first; then the sets covering the most flagged remedies, the recipe ladder, fewer remedies
+        base = tuple(r for r in REMEDIES if choices[r] == [True])
+        return (s != base, -sum(r in flagged for r in s if r != "init"), s not in ladder, len(s), s)
+
+    return [{r: dict(options_of[r]) for r in s} for s in sorted(sets, key=order)]
+
+
+def plan(n: int, trial_steps: int, eval_cost: float, units: float) -> int:
+    """How many candidates the schedule can race within ``units`` passes (0 or 1: no race): each is scored once
+    before training, then after each rung; the first rung is ``trial_steps`` long, each next one doubles the
+    steps of the better half, down to two finalists."""
+    for k in range(n, 1, -1):
+        cost, alive, done, steps = k * eval_cost, k, 0, trial_steps
+        while True:
+            cost += alive * (steps - done) + alive * eval_cost
+            if alive <= 2:
+                break
+            alive, done, steps = (alive + 1) // 2, steps, steps * 2
+        if cost <= units:
+            return k
+    return 0
+
+
+def learning(row: "RaceRow", z: float, margin: float) -> bool:
+    """The candidate's held-out loss fell since its start beyond noise."""
+    return len(row.scores) > 1 and beats(row.scores[-1], row.scores[0], z, margin)
+
+
+def survivors(alive: list["RaceRow"], options: DoctorOptions) -> list["RaceRow"]:
+    """The better half by held-out loss; the last place goes to the candidate whose loss fell most since its
+    start, when that is not already in (a set that starts high, e.g. larger logits after BatchNorm, but learns
+    fast is not dropped for its start)."""
+    keep = (len(alive) + 1) // 2
+    ranked = sorted(alive, key=lambda r: r.score)
+    chosen = ranked[: keep - 1]
+    rest = [r for r in ranked if r not in chosen]
+    fallers = [r for r in rest if learning(r, options.noise_z, options.margin)]
+    best_fall = min(fallers, key=lambda r: r.score - _mean(r.scores[0]), default=None)
+    return chosen + [best_fall if best_fall is not None else rest[0]]
+
+
+def name_of(remedies: dict[str, Any]) -> str:
+    return "+".join(r for r in (*REMEDIES, "clipping") if r in remedies) or "no remedy"
+
+
+def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOptions) -> tuple[list[RaceRow], Optional[str]]:
+    """Successive halving over ``sets`` (module docstring, step 3); returns every row and why it stopped early
+    (``None``: it ran to the end). Rows of sets the budget did not cover have no scores."""
+    from lightning_gradguard.trials import BudgetSpent
+
+    rows = [RaceRow(name_of(s), s) for s in sets]
+    n = plan(len(rows), options.trial_steps, trials.eval_cost(), trials.units_left())
+    alive, runs = rows[:n], {}
+    target, stop = options.trial_steps, None
+    try:
+        for row in alive:  # started one by one: the wall-clock cap is checked before each copy and surgery
+            trials.charge(0.0)
+            runs[row.name] = trials.start(row.remedies)
+            row.steps.append(0)
+            row.scores.append(runs[row.name].evaluate())
+        while alive:
+            if len(alive) <= 2:  # the finalists share what is left
+                done = alive[0].steps[-1]
+                target = max(target, done + int(trials.units_left() / len(alive) - trials.eval_cost()))
+            for row in alive:
+                run = runs[row.name]
+                run.train(target - run.steps)
+                row.steps.append(target)
+                row.scores.append(run.evaluate())
+            if len(alive) <= 2:
+                break
+            alive, target = survivors(alive, options), target * 2
+    except BudgetSpent as spent:
+        stop = str(spent)
+    finally:
+        for run in runs.values():
+            run.close()
+        trials.close()
+    for row in rows:  # a rung cut short by the budget does not count
+        del row.steps[len(row.scores):]
+    return rows, stop
+
+
+def _compare_at(a: RaceRow, b: RaceRow) -> Optional[int]:
+    """The most steps after which both ``a`` and ``b`` were scored (``None``: only before training)."""
+    common = [s for s in a.steps if s in b.steps and s > 0]
+    return None if not common else common[-1]
+
+
+def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow, str]:
+    """The winner of a finished race (module docstring, steps 4-5): ``(chosen, reference, why)``."""
+    ref = rows[0]
+    z, m = options.noise_z, options.margin
+    scored = [r for r in rows if len(r.scores) > 1]
+    if not scored:
+        return ref, ref, "no candidate trained within the budget"
+    last = max(r.steps[-1] for r in scored)
+    finalists = sorted([r for r in scored if r.steps[-1] == last], key=lambda r: r.score)
+    ref_learns = learning(ref, z, m)
+    if not ref_learns:  # no remedy does not learn: prefer a finalist that does, even from a higher start
+        finalists = [r for r in finalists if learning(r, z, m)] or finalists
+    best = finalists[0]
+    for other in finalists[1:]:  # a smaller set that the larger one does not beat wins
+        if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):
+            best = other
+    if best is ref:
+        return ref, ref, "no candidate beat no remedy beyond noise"
+    steps = _compare_at(best, ref)
+    if steps is None:
+        return ref, ref, f"'{best.name}' and no remedy were not scored after the same steps"
+    b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
+    if beats(b, a, z, m):
+        return best, ref, f"held-out loss {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps"
+    if not ref_learns and learning(best, z, m):
+        return best, ref, (f"no remedy does not learn (held-out loss {fmt(ref.score)} after {ref.steps[-1]} steps, "
+                           f"{fmt(_mean(ref.scores[0]))} at start), '{best.name}' does ({fmt(_mean(best.scores[0]))} → "
+                           f"{fmt(best.score)})")
+    return ref, ref, f"best '{best.name}' {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps: within noise"
+
+
+def decide(probe_: Probe, trials: Any, options: DoctorOptions) -> Diagnosis:
+    """Race the candidate remedy sets of a probed model and decide (module docstring).
+
+    Args:
+        probe_: :func:`probe` of the model, on the held-out batches the trials are scored on.
+        trials: the trial runner (:class:`lightning_gradguard.trials.ModelTrials`) over the same model.
+        options: modes, targets, thresholds, ``trial_steps``.
+
+    Example:
+        >>> p = probe(model, heldout, loss_fn)
+        >>> trials = ModelTrials(model, batches, heldout, loss_fn, make_optimizer, budget_units=60)
+        >>> diagnosis = decide(p, trials, DoctorOptions())
+        >>> diagnosis.remedies   # e.g. {'init': {'scheme': 'auto'}, 'batchnorm': {'position': 'before_activation'}}
+    """
+    clip_mode = options.modes["clipping"]
+    reasons = clip_reasons(probe_, options) if clip_mode == "auto" else []
+    clip = clip_mode == "force" or bool(reasons)
+    # the probe measured the weights as they are: a set that re-initializes them gets clipping by rule only for a
+    # recurrent layer (or when forced); the norms measured say nothing about the new weights
+    every_set = clip_mode == "force" or probe_.recurrent
+    clip_opts = {"algorithm": options.clip_algorithm}
+    sets = candidates(probe_, options)
+
+    def with_clip(ss: list[dict], all_sets: bool) -> list[dict]:
+        return [{**s, "clipping": dict(clip_opts)} if all_sets or "init" not in s else s for s in ss]
+
+    rows, stop = race(trials, with_clip(sets, every_set) if clip else sets, options)
+    scored = [r for r in rows if len(r.scores) > 1]
+    if scored and not clip and clip_mode == "auto" and all(not math.isfinite(r.scores[1][0]) for r in scored):
+        reasons.append(f"every candidate diverged in {options.trial_steps} steps without clipping")
+        clip = True
+        rows, stop = race(trials, with_clip(sets, True), options)
+        scored = [r for r in rows if len(r.scores) > 1]
+    if len(scored) >= 2:
+        chosen, ref, why = pick(rows, options)
+    else:
+        chosen, ref = rows[0], rows[0]
+        why = f"not raced: the budget ({trials.budget_units:.0f} passes) covers fewer than 2 candidates"
+    if stop and len(scored) >= 2:
+        why += f" (race stopped early: {stop})"
+    decisions = _decisions(rows, chosen, why, probe_, options)
+    clip_status = "forced" if clip_mode == "force" else ("applied" if clip else ("off" if clip_mode == "off" else "not applied"))
+    clip_text = ", ".join(reasons) or ("forced" if clip_mode == "force" else
+                                      f"no rule fired (max/median norm {probe_.spike:.3g}, not recurrent, finite)")
+    decisions.append(Decision("clipping", clip_status, clip_text, dict(clip_opts) if clip else {}))
+    clip = "clipping" in chosen.remedies or (clip and chosen is rows[0] and "init" not in chosen.remedies)
+    if not clip and clip_mode == "auto" and reasons:
+        decisions[-1] = Decision("clipping", "not applied", ", ".join(reasons) + f" before init; the chosen set "
+                                 f"'{chosen.name}' re-initializes the weights")
+    elif clip and decisions[-1].status == "not applied":
+        decisions[-1] = Decision("clipping", "applied", ", ".join(reasons), dict(clip_opts))
+    remedies = {k: v for k, v in chosen.remedies.items() if k != "clipping"}
+    if not options.architecture_changes:
+        remedies = {k: v for k, v in remedies.items() if k == "init"}
+    if clip:
+        remedies["clipping"] = dict(clip_opts)
+    return Diagnosis(decisions, remedies, rows, trials.spent_units, trials.budget_units, chosen.name)
+
+
+def _decisions(rows: list[RaceRow], chosen: RaceRow, why: str, probe_: Probe, options: DoctorOptions) -> list[Decision]:
+    flagged = flags(probe_, options)
+    out = []
+    raced = [r for r in rows if len(r.scores) > 1]
+    for remedy in REMEDIES:
+        mode = options.modes[remedy]
+        with_it = [r for r in rows if remedy in r.remedies]
+        stat = flagged.get(remedy, "")
+        stat = f"{stat}; " if stat and remedy != "init" else ""
+        if mode == "off":
+            out.append(Decision(remedy, "off", "turned off"))
+            continue
+        if not with_it:
+            reason = {"init": options.init_blocked or "", "batchnorm": "the model already has normalization layers",
+                      "activation": "no sigmoid, tanh or ReLU to replace"}[remedy]
+            out.append(Decision(remedy, "not applied", reason))
+            continue
+        if remedy in chosen.remedies:
+            status = "forced" if mode == "force" else "applied"
+            if remedy != "init" and not options.architecture_changes:
+                status = "suggested (architecture_changes=False)"
+            out.append(Decision(remedy, status, f"{stat}winner '{chosen.name}': {why}", dict(chosen.remedies[remedy])))
+            continue
+        tried = [r for r in with_it if len(r.scores) > 1]
+        if not tried:
+            out.append(Decision(remedy, "untried", f"{stat}not raced: the budget covered {len(raced)} of {len(rows)} "
+                                "candidate sets"))
+            continue
+        best = min(tried, key=lambda r: (-len(r.scores), r.score))
+        out.append(Decision(remedy, "not applied", f"{stat}best set with it '{best.name}' {fmt(best.score)} after "
+                            f"{best.steps[-1]} steps; chosen '{chosen.name}': {why}"))
+    return out
+
+
+def race_table(diagnosis: Diagnosis) -> list[tuple[str, str]]:
+    """``(candidate, held-out loss after each rung)`` rows for printing."""
+    return [(r.name, "  ".join(f"{s}:{fmt(_mean(v))}" for s, v in zip(r.steps, r.scores)) or "not raced (budget)")
+            for r in diagnosis.race]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import copy
+import functools
+import itertools
+import math
 import os
 import time
 from typing import Any, Literal, Optional
@@ -14,7 +16,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gradguard._text import markdown_table, text_table
 from lightning_gradguard._validation import check_bool, check_choice, check_number
-from lightning_gradguard.activations import SATURATING_BOUNDS
 from lightning_gradguard.callbacks._common import run_when_model_exists, train_dataloader
 from lightning_gradguard.callbacks._lightning_internals import checkpoint_path_in_setup, logging_muted
 from lightning_gradguard.callbacks.activation_replacement import ActivationReplacement
@@ -23,10 +24,11 @@ from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_multi_process
-from lightning_gradguard.doctor import Decision, apply_remedies, clip_options, fmt, probe, trial
+from lightning_gradguard.doctor import Decision, Diagnosis, DoctorOptions, clip_options, decide, probe, race_table
 from lightning_gradguard.graph import find_layers, model_input
 from lightning_gradguard.init import kept_layers
-from lightning_gradguard.reporting import log_markdown, print_table, progress_bar
+from lightning_gradguard.reporting import log_markdown, print_table
+from lightning_gradguard.trials import BatchCache, ModelTrials
 
 MODES = ("auto", "force", "off")
 TARGETS = ("elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu")
@@ -34,35 +36,32 @@ TARGETS = ("elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu")
 SUB_ORDER = ("activation", "batchnorm", "init", "clipping", "monitor")
 #: where one hook needs another order: the monitor sees the gradients before clipping changes them
 HOOK_ORDER = {"on_before_optimizer_step": ("monitor", "clipping")}
-#: adaptive clipping algorithms compared by trial when clipping is on and ``clip_algorithm="percentile"``
-CLIP_CANDIDATES = ("percentile", "agc", "zscore")  # the adaptive clippings GradGuard compares by trial
+#: the fit length assumed for ``budget_fraction`` when neither ``max_steps`` nor ``max_epochs`` bounds the fit
+UNKNOWN_FIT_STEPS = 1000
 
 
-def _forwarded(hook: str) -> Any:
-    """A ``GradGuard`` hook that only forwards to the sub-callbacks (see ``GradGuard._forward``)."""
+def fit_steps(trainer: "pl.Trainer", loader: Any) -> Optional[int]:
+    """The fit's optimizer steps as configured: ``max_steps`` if set, else ``max_epochs`` × batches per epoch
+    (``limit_train_batches`` applied) / ``accumulate_grad_batches``; ``None`` when unbounded or unknown."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    epochs = trainer.max_epochs
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        return None
+    if epochs is None or epochs < 0:
+        return None
+    limit = trainer.limit_train_batches
+    if isinstance(limit, float):
+        per_epoch = int(per_epoch * limit)
+    elif isinstance(limit, int):
+        per_epoch = min(per_epoch, limit)
+    return max(1, math.ceil(epochs * per_epoch / max(1, trainer.accumulate_grad_batches)))
 
-    def forward(self: "GradGuard", *args: Any, **kwargs: Any) -> None:
-        self._forward(hook, *args, **kwargs)
 
-    forward.__name__ = forward.__qualname__ = hook
-    forward.__doc__ = f"Forward ``{hook}`` to the sub-callbacks."
-    return forward
-
-
-class _Cycle:
-    """Re-iterable endless stream of training batches (a new shuffled pass when one ends)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def __iter__(self):
-        while True:
-            n = 0
-            for batch in self.loader:
-                n += 1
-                yield batch
-            if n == 0:
-                return
+def _make_optimizer(model: "pl.LightningModule") -> torch.optim.Optimizer:
+    return _first_optimizer(model.configure_optimizers())
 
 
 def _first_optimizer(out: Any) -> torch.optim.Optimizer:
@@ -85,48 +84,15 @@ def _loss_of(model: "pl.LightningModule", batch: Any, index: int) -> torch.Tenso
     return out
 
 
-class _Trials:
-    """Short training runs of remedy sets on copies of the module, all from one seed (so they differ only by
-    their remedies). Clipping joins every later trial once a trial diverged without it and trained with it."""
-
-    def __init__(self, guard: "GradGuard", pl_module: "pl.LightningModule", stream: _Cycle, memo: dict,
-                 seed: int, clip_on: bool, clip_reasons: list[str], bar: Any = None) -> None:
-        self.guard, self.pl_module, self.stream, self.memo, self.seed = guard, pl_module, stream, memo, seed
-        self.bar = bar  # a progress bar (reporting.progress_bar) counting forward/backward passes, or None
-        self.clip_on, self.clip_reasons = clip_on, clip_reasons
-        self.common: dict[str, dict[str, Any]] = {"clipping": {"algorithm": guard.clip_algorithm}} if clip_on else {}
-
-    def raw(self, rem: dict[str, dict[str, Any]], steps: Optional[int] = None) -> float:
-        steps = self.guard.trial_steps if steps is None else steps
-        self.guard.cost_steps += steps
-        if self.bar is not None:
-            self.bar.set_description(f"GradGuard trial: {'+'.join(sorted(rem)) or 'no remedy'}")
-        loss = trial(self.pl_module, rem, self.stream, _loss_of, lambda m: _first_optimizer(m.configure_optimizers()),
-                     steps, self.seed, dict(self.memo))
-        if self.bar is not None:
-            self.bar.update(steps)
-        return loss
-
-    def run(self, rem: dict[str, dict[str, Any]], label: str) -> float:
-        loss = self.raw({**self.common, **rem})
-        algorithm = self.guard.clip_algorithm
-        if loss == float("inf") and not self.common and self.guard.modes["clipping"] == "auto":
-            clipped = self.raw({"clipping": {"algorithm": algorithm}, **rem})
-            if clipped < float("inf"):  # diverges without clipping, trains with it: clipping from now on
-                self.clip_reasons.append(f"trial '{label}' diverged without clipping, loss {fmt(clipped)} with it")
-                self.common["clipping"] = {"algorithm": algorithm}
-                self.clip_on = True
-                return clipped
-        return loss
-
-
 class GradGuard(Callback):
     """Make a deep network trainable in one line: probe, decide, apply, explain.
 
-    At the start of fit, before the optimizer exists: a few forward/backward passes on real training batches
-    (no optimizer step; weights, gradients, BN statistics and RNG put back) measure per-layer gradient norms,
-    the flow ratio and activation saturation/dead units; short trials of candidate remedy sets on a copy of
-    the model, compared by training loss, decide which remedies to keep; the chosen ones are applied through
+    At the start of fit, before the optimizer exists: the first ``probe_batches`` training batches are held
+    out; forward/backward passes on them (no optimizer step; weights, gradients, BN statistics and RNG put
+    back) measure per-layer gradient norms, the flow ratio and activation saturation/dead units; then
+    candidate remedy sets race on copies of the model (successive halving, scored by the loss on the held-out
+    batches, with a noise margin; :func:`lightning_gradguard.doctor.decide`), and the winner is kept only if
+    it beats no remedy beyond noise; the chosen remedies are applied through
     the individual callbacks (``WeightInitialization``, ``BatchNormInsertion``, ``ActivationReplacement``,
     ``GradientClipping``, ``GradientMonitor``), and a decision table is printed and logged
     (``gradguard/decisions``). The rules are in :mod:`lightning_gradguard.doctor`.
@@ -134,8 +100,18 @@ class GradGuard(Callback):
     Each remedy is ``"auto"`` (decided by measurement), ``"force"`` or ``"off"``. With
     ``architecture_changes=False`` BatchNorm and activation replacement are only suggested, never applied.
     When fit resumes from a checkpoint, the decisions stored in it are re-applied (no new probe), so the
-    structure matches. Probe and trials stay within ``probe_batches``, ``trial_steps`` per trial and
-    ``budget_seconds``; their cost is printed at the end of fit. They run where the module is at ``setup``
+    structure matches. Under several processes global rank 0 decides and broadcasts; every rank applies the
+    same remedies.
+
+    Budget: probe and trials together spend at most ``budget_fraction`` × the fit's optimizer steps (from
+    ``max_steps``, else ``max_epochs`` × batches per epoch), counted in passes (a trial's training step 1, a
+    held-out forward pass 1/3, a probe batch 1; :mod:`lightning_gradguard.trials`), so the decision does not
+    depend on machine load; ``budget_steps`` sets the passes directly; ``budget_seconds`` is a wall-clock
+    upper bound. Copying the model and the surgery of each candidate are not passes: their measured share of
+    the fit's time is in README (block ``doctor_zoo``, ``benchmarks/doctor_zoo.py``). Every pass of every
+    trial is checked against the budget; the measured seconds and passes are printed.
+    With ``Trainer(logger=False)`` no monitor is added and the decision table on the console is the report.
+    They run where the module is at ``setup``
     (the CPU, before Lightning moves it), calling its ``training_step`` (``self.log`` is a no-op then) and
     ``configure_optimizers`` (the first optimizer) on a deep copy: one more copy of the model in memory.
     Manual optimization is not probed (init only, by rule).
@@ -148,10 +124,14 @@ class GradGuard(Callback):
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
         saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
-        clip_algorithm: ``percentile`` (AutoClip, default: then AutoClip, AGC and z-score clipping are tried
-            and the best kept), ``norm``, ``value``, ``agc`` or ``zscore`` (ZClip).
-        flow_threshold, saturation_threshold, dead_threshold, spike_factor, exploding_norm, margin: rule thresholds.
-        probe_batches, trial_steps, budget_seconds: the budget.
+        clip_algorithm: the clipping applied when clipping is on: ``percentile`` (AutoClip), ``norm``,
+            ``value``, ``agc`` or ``zscore`` (ZClip), with :data:`lightning_gradguard.doctor.CLIP_DEFAULTS`.
+        flow_threshold, saturation_threshold, dead_threshold: probe statistics that move candidates up the race
+            order (they never remove one). spike_factor, exploding_norm: the clipping rule.
+        margin: the least relative held-out loss improvement that counts (on top of the noise margin).
+        probe_batches: held-out batches (probed, and scored on by every trial).
+        trial_steps: steps of the race's first rung (then doubled each rung).
+        budget_fraction, budget_steps, budget_seconds: the budget (above).
         seed: seed of the trials and of the applied init; default: Lightning's ``seed_everything`` seed
             (the init then follows it as ``WeightInitialization`` does).
         verbose: print the decision table.
@@ -179,9 +159,11 @@ class GradGuard(Callback):
         spike_factor: float = 10.0,
         exploding_norm: float = 1e3,
         margin: float = 0.02,
-        probe_batches: int = 4,
-        trial_steps: int = 20,
-        budget_seconds: float = 60.0,
+        probe_batches: int = 2,
+        trial_steps: int = 6,
+        budget_fraction: float = 0.1,
+        budget_steps: Optional[int] = None,
+        budget_seconds: float = 120.0,
         seed: Optional[int] = None,
         verbose: bool = True,
     ) -> None:
@@ -201,6 +183,8 @@ class GradGuard(Callback):
         self.margin = check_number(owner, "margin", margin, min_value=0.0, max_value=1.0, max_inclusive=False)
         self.probe_batches = check_number(owner, "probe_batches", probe_batches, min_value=1, integer=True)
         self.trial_steps = check_number(owner, "trial_steps", trial_steps, min_value=4, integer=True)
+        self.budget_fraction = check_number(owner, "budget_fraction", budget_fraction, min_value=0.0, max_value=1.0)
+        self.budget_steps = check_number(owner, "budget_steps", budget_steps, min_value=0, integer=True, allow_none=True)
         self.budget_seconds = check_number(owner, "budget_seconds", budget_seconds, min_value=0.0)
         self.seed = check_number(owner, "seed", seed, integer=True, allow_none=True)
         self.verbose = check_bool(owner, "verbose", verbose)
@@ -208,7 +192,9 @@ class GradGuard(Callback):
         self.remedies: dict[str, dict[str, Any]] = {}
         self.subs: dict[str, Callback] = {}
         self.cost_seconds = 0.0
-        self.cost_steps = 0
+        self.cost_steps = 0.0  # passes spent by probe and trials (trials.py: a training step 1, a held-out forward 1/3)
+        self.budget_rule = ""
+        self.diagnosis: Optional[Diagnosis] = None  # the race (rank 0 only under several processes)
         self._fit_started: Optional[float] = None  # for the cost share printed at the end of fit
         self._loaded_sub_states: dict[str, Any] = {}
 
@@ -222,16 +208,16 @@ class GradGuard(Callback):
             return
         self._fit_started = time.perf_counter()
         resume = checkpoint_path_in_setup(trainer)
+        run_when_model_exists(pl_module, functools.partial(self._act, trainer, pl_module, stage, resume))
 
-        def act() -> None:
-            if resume:
-                self._from_checkpoint(resume)
-            else:
-                self._decide_on_rank_zero(trainer, pl_module)
-            self._build_subs(trainer)
-            self._forward("setup", trainer, pl_module, stage)
-
-        run_when_model_exists(pl_module, act)
+    def _act(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str, resume: Optional[str]) -> None:
+        """Decide (or re-apply a checkpoint's decisions), then apply through the sub-callbacks."""
+        if resume:
+            self._from_checkpoint(resume)
+        else:
+            self._decide_on_rank_zero(trainer, pl_module)
+        self._build_subs(trainer)
+        self._forward("setup", trainer, pl_module, stage)
 
     def _decide_on_rank_zero(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Several processes: global rank 0 probes and decides, every rank applies its decisions (broadcast),
@@ -249,13 +235,13 @@ class GradGuard(Callback):
         if trainer.is_global_zero:
             try:
                 self._decide(trainer, pl_module)
-                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps)
+                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.budget_rule)
             except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then raise
                 result = err
         result = broadcast_object(result)
         if isinstance(result, Exception):
             raise RuntimeError(f"GradGuard: deciding on global rank 0 failed: {result}") from result
-        self.decisions, self.remedies, self.cost_seconds, self.cost_steps = result
+        self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.budget_rule = result
 
     def _from_checkpoint(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -275,7 +261,7 @@ class GradGuard(Callback):
             decisions, remedies = self._decide_without_probe("manual optimization" if manual else "no training data to probe", frozen)
         else:
             with logging_muted(pl_module):  # training_step's self.log is a no-op while probing
-                decisions, remedies = self._probe_and_decide(trainer, pl_module, loader, frozen, start)
+                decisions, remedies = self._probe_and_decide(trainer, pl_module, loader, frozen)
         self._finish_decisions(trainer, decisions, remedies, start)
 
     def _decide_without_probe(self, why: str, frozen: bool) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
@@ -289,176 +275,70 @@ class GradGuard(Callback):
         decisions.append(Decision("clipping", "applied" if "clipping" in remedies else "not probed", why))
         return decisions, remedies
 
-    def _probe_and_decide(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: Any, frozen: bool,
-                          start: float) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
-        batches = []
-        for i, b in enumerate(loader):
-            if i >= self.probe_batches:
-                break
-            batches.append(b)
-        memo = {id(trainer): trainer}
+    def budget_units(self, trainer: "pl.Trainer", loader: Any) -> tuple[float, str]:
+        """The budget in passes and the rule that gave it: ``budget_steps`` if set, else ``budget_fraction`` ×
+        the fit's optimizer steps (``max_steps``, else ``max_epochs`` × batches per epoch / accumulation)."""
+        if self.budget_steps is not None:
+            return float(self.budget_steps), f"budget_steps={self.budget_steps}"
+        steps = fit_steps(trainer, loader)
+        if steps is None:
+            steps = UNKNOWN_FIT_STEPS
+            return self.budget_fraction * steps, (f"{self.budget_fraction:g} × {steps} steps (the fit's length is "
+                                                  "unknown: set max_steps, max_epochs or budget_steps)")
+        return self.budget_fraction * steps, f"{self.budget_fraction:g} × {steps} fit steps"
+
+    def _probe_and_decide(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: Any,
+                          frozen: bool) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
+        budget, self.budget_rule = self.budget_units(trainer, loader)
+        stream = iter(loader)
+        heldout = list(itertools.islice(stream, self.probe_batches))  # scored on, never trained on
         # trials share one seed (so they differ only by their remedies): ours, else Lightning's, else 0
-        trial_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        spent = lambda: time.perf_counter() - start  # noqa: E731
-        bar = progress_bar(trainer, "GradGuard probe", enabled=self.verbose)  # on a terminal only
-        try:
-            base = probe(pl_module, batches, _loss_of)
-            self.cost_steps += len(batches)
-            bar.update(len(batches))
-            # clipping first: by rule, and part of every trial when chosen
-            clip_reasons, big = self._clip_rule(base)
-            clip_on = self.modes["clipping"] == "force" or (self.modes["clipping"] == "auto" and bool(clip_reasons))
-            trials = _Trials(self, pl_module, _Cycle(loader), memo, trial_seed, clip_on, clip_reasons, bar)
-            base_loss = trials.run({}, "no remedy")
-            weighted = find_layers(pl_module, model_input(batches[0]) if batches else None)
-            kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights the init trial leaves alone
-            init_decision, best, best_loss = self._decide_init(trials, base_loss, frozen, kept, len(weighted))
-            after = self._probe_after(pl_module, batches, best, memo, trial_seed) if best else base  # measured after init
-            decisions = [init_decision, *self._decide_architecture(trials, after, best, best_loss, spent)]
-            decisions.append(self._decide_clipping(trials, best, base, big, spent))
-        finally:
-            bar.close()
-        remedies = dict(best)
-        if trials.clip_on:
-            remedies["clipping"] = dict(trials.common["clipping"])
-        return decisions, remedies
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        options, keeps_nothing = self._options(pl_module, heldout, frozen)
+        probed = probe(pl_module, heldout, _loss_of)
+        trials = ModelTrials(pl_module, BatchCache(stream), heldout, _loss_of, _make_optimizer, budget,
+                             self.budget_seconds, seed, memo={id(trainer): trainer}, spent_units=len(heldout))
+        trials.init_keeps_nothing = keeps_nothing
+        self.diagnosis = decide(probed, trials, options)
+        return self.diagnosis.decisions, self.diagnosis.remedies
 
-    def _clip_rule(self, base: Any) -> tuple[list[str], float]:
-        """Why clipping is needed by rule (empty: it is not), and the largest finite probe norm."""
-        reasons = []
-        if base.recurrent:
-            reasons.append("recurrent layer")
-        if base.nonfinite:
-            reasons.append("non-finite gradients")
-        big = max((n for n in base.total_norms if n == n), default=0.0)
-        if big > self.exploding_norm:
-            reasons.append(f"grad norm {big:.3g} > {self.exploding_norm:g}")
-        if base.spike > self.spike_factor:
-            reasons.append(f"norm spike ×{base.spike:.3g}")
-        return reasons, big
-
-    def _decide_init(self, trials: _Trials, base_loss: float, frozen: bool, kept: dict[str, str],
-                     n_layers: int) -> tuple[Decision, dict, float]:
-        init_mode = self.modes["init"]
-        if init_mode == "off":
-            return Decision("init", "off", "turned off"), {}, base_loss
+    def _options(self, pl_module: "pl.LightningModule", heldout: list, frozen: bool) -> tuple[DoctorOptions, bool]:
+        """The doctor's options, and whether init would keep no layer as loaded/trained/adapter."""
+        blocked, kept = None, {}
         if frozen:
-            return Decision("init", "not applied", "every weight is frozen (pretrained)"), {}, base_loss
-        if init_mode == "auto" and kept and len(kept) == n_layers:
-            return Decision("init", "not applied", f"all {len(kept)} layers hold loaded, trained or adapter weights "
-                            "(init='force' re-initializes them)"), {}, base_loss
-        remedy: dict[str, Any] = {"scheme": "auto", **({"force": True} if init_mode == "force" else {})}
-        init_loss = trials.run({"init": remedy}, "init")
-        keep = init_mode == "force" or init_loss <= base_loss * (1 + self.margin)
-        status = "forced" if init_mode == "force" else ("applied" if keep else "not applied")
-        kept_note = f"; {len(kept)} layer(s) kept as loaded/trained/adapter" if kept and init_mode != "force" else ""
-        if init_mode == "force":
-            verdict = ""
-        elif keep:
-            verdict = "; kept: lower" if init_loss <= base_loss else f"; kept: within the {self.margin:.0%} tolerance (margin), so not worse"
-        else:
-            verdict = f"; dropped: worse by more than the {self.margin:.0%} tolerance (margin)"
-        decision = Decision("init", status, f"trial loss {fmt(base_loss)} → {fmt(init_loss)} ({self.trial_steps} steps){verdict}{kept_note}")
-        return (decision, {"init": remedy}, init_loss) if keep else (decision, {}, base_loss)
-
-    def _probe_after(self, pl_module: "pl.LightningModule", batches: list, best: dict, memo: dict, seed: int) -> Any:
-        copy_ = copy.deepcopy(pl_module, dict(memo))
-        apply_remedies(copy_, best, seed=seed)
-        after = probe(copy_, batches, _loss_of)
-        self.cost_steps += len(batches)
-        del copy_
-        return after
-
-    def _architecture_candidates(self, after: Any) -> tuple[bool, str, bool, str, dict[str, str]]:
-        """Whether BatchNorm and activation replacement are worth a trial, why, and the activation mapping."""
-        has_saturating = any(a in SATURATING_BOUNDS for a in after.activations.values())
-        bn_reason = f"flow ratio {after.flow_ratio:.2g} (threshold {self.flow_threshold:g})"
-        bn_candidate = self.modes["batchnorm"] == "force" or (
-            self.modes["batchnorm"] == "auto" and after.flow_ratio < self.flow_threshold)
-        mapping: dict[str, str] = {}
-        act_reasons = []
-        if after.max_saturated > self.saturation_threshold or (has_saturating and after.flow_ratio < self.flow_threshold):
-            mapping.update({"sigmoid": self.saturating_target, "tanh": self.saturating_target})
-            act_reasons.append(f"saturated {after.max_saturated:.0%}, flow ratio {after.flow_ratio:.2g}")
-        if after.max_dead > self.dead_threshold:
-            mapping["relu"] = self.dead_target
-            act_reasons.append(f"dead units {after.max_dead:.0%}")
-        act_candidate = self.modes["activation"] == "force" or (self.modes["activation"] == "auto" and bool(mapping))
-        if self.modes["activation"] == "force" and not mapping:
-            mapping = {"sigmoid": self.saturating_target, "tanh": self.saturating_target, "relu": self.dead_target}
-        return bn_candidate, bn_reason, act_candidate, "; ".join(act_reasons) or "nothing saturated or dead", mapping
-
-    def _decide_architecture(self, trials: _Trials, after: Any, best: dict, best_loss: float,
-                             spent: Any) -> list[Decision]:
-        """Trial BatchNorm / activation replacement (together and alone); ``best`` gets what is kept."""
-        bn_on, bn_reason, act_on, act_reason, mapping = self._architecture_candidates(after)
-        bn_opts = {"position": "before_activation"}
-        candidates = []
-        if act_on and bn_on:
-            candidates.append({"activation": {"mapping": mapping}, "batchnorm": bn_opts})
-        if bn_on:
-            candidates.append({"batchnorm": bn_opts})
-        if act_on:
-            candidates.append({"activation": {"mapping": mapping}})
-        ref_loss = best_loss  # with init (when kept): what an architecture change must beat
-        scores: dict[str, float] = {}
-        chosen: dict[str, dict[str, Any]] = {}
-        for cand in candidates:
-            if spent() > self.budget_seconds:
-                break
-            loss = trials.run({**best, **cand}, "+".join(sorted(cand)))
-            scores["+".join(sorted(cand))] = loss
-            if loss < best_loss * (1 - self.margin):
-                chosen, best_loss = cand, loss
-        decisions = []
-        for name, cand_on, reason, options in (("batchnorm", bn_on, bn_reason, bn_opts),
-                                               ("activation", act_on, act_reason, {"mapping": mapping})):
-            decision, picked = self._architecture_decision(name, cand_on, reason, scores, chosen, ref_loss)
-            decisions.append(decision)
-            if picked and self.architecture_changes:
-                best[name] = chosen.get(name) or options
-        return decisions
-
-    def _architecture_decision(self, name: str, cand_on: bool, reason: str, scores: dict[str, float],
-                               chosen: dict, ref_loss: float) -> tuple[Decision, bool]:
-        tried = {k: v for k, v in scores.items() if name in k.split("+")}
-        if self.modes[name] == "off":
-            return Decision(name, "off", "turned off"), False
-        if not cand_on:
-            return Decision(name, "not applied", f"{reason}: not needed"), False
-        if not tried:
-            return Decision(name, "untried", f"{reason}; trial budget of {self.budget_seconds:g}s spent"), False
-        picked = name in chosen or self.modes[name] == "force"
-        status = ("forced" if self.modes[name] == "force" else "applied") if picked else "not applied"
-        if picked and not self.architecture_changes:
-            status = "suggested (architecture_changes=False)"
-        detail = ", ".join(f"{k} {fmt(v)}" for k, v in tried.items())
-        verdict = "" if self.modes[name] == "force" else (
-            f"; {'' if picked else 'not '}better than {fmt(ref_loss)} by the {self.margin:.0%} margin")
-        return Decision(name, status, f"{reason}; trial loss {fmt(ref_loss)} → {detail}{verdict}"), picked
-
-    def _decide_clipping(self, trials: _Trials, best: dict, base: Any, big: float, spent: Any) -> Decision:
-        mode = self.modes["clipping"]
-        if trials.clip_on and mode == "auto" and self.clip_algorithm == "percentile" and spent() <= self.budget_seconds:
-            # which adaptive clipping suits this model, by trial; these trials run twice as long, since
-            # AutoClip and ZClip warm up first (10 and 25 steps, ZClip clipping at norm 1 meanwhile)
-            clip_scores = {}
-            for algo in CLIP_CANDIDATES:
-                clip_scores[algo] = trials.raw({**best, "clipping": {"algorithm": algo}}, 2 * self.trial_steps)
-            pick = min(clip_scores, key=lambda k: clip_scores[k])
-            trials.common["clipping"] = {"algorithm": pick}
-            trials.clip_reasons.append("trial loss " + ", ".join(f"{k} {fmt(v)}" for k, v in clip_scores.items()))
-        status = "forced" if mode == "force" else ("applied" if trials.clip_on else ("off" if mode == "off" else "not applied"))
-        return Decision("clipping", status,
-                        ", ".join(trials.clip_reasons) or f"no spike (max/median {base.spike:.3g}), max norm {big:.3g}, not recurrent",
-                        dict(trials.common.get("clipping", {})))
+            blocked = "every weight is frozen (pretrained)"
+        elif self.modes["init"] == "auto":
+            weighted = find_layers(pl_module, model_input(heldout[0]) if heldout else None)
+            kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights init leaves alone
+            if kept and len(kept) == len(weighted):
+                blocked = (f"all {len(kept)} layers hold loaded, trained or adapter weights "
+                           "(init='force' re-initializes them)")
+        return DoctorOptions(
+            modes=dict(self.modes), architecture_changes=self.architecture_changes,
+            saturating_target=self.saturating_target, dead_target=self.dead_target, clip_algorithm=self.clip_algorithm,
+            flow_threshold=self.flow_threshold, saturation_threshold=self.saturation_threshold,
+            dead_threshold=self.dead_threshold, spike_factor=self.spike_factor, exploding_norm=self.exploding_norm,
+            margin=self.margin, trial_steps=self.trial_steps, init_blocked=blocked,
+        ), (not frozen and not kept)
 
     def _finish_decisions(self, trainer: "pl.Trainer", decisions: list[Decision], remedies: dict, start: float) -> None:
         has_monitor = any(isinstance(cb, GradientMonitor) for cb in trainer.callbacks)
         if self.monitor:
-            decisions.append(Decision("monitor", "applied" if not has_monitor else "already on the Trainer", "always"))
+            if has_monitor:
+                decisions.append(Decision("monitor", "already on the Trainer", "always"))
+            elif not trainer.loggers:
+                decisions.append(Decision("monitor", "not applied", "the Trainer has no logger (logger=False): "
+                                          "the decision table above is the report, on the console"))
+            else:
+                decisions.append(Decision("monitor", "applied", "always"))
         self.decisions, self.remedies = decisions, remedies
         self.cost_seconds = time.perf_counter() - start
+        self.cost_steps = self.diagnosis.units if self.diagnosis is not None else 0.0
+
+    def cost_line(self) -> str:
+        """Probe and trials' measured cost and the budget rule."""
+        return (f"probe and trials: {self.cost_seconds:.2f}s, {self.cost_steps:.0f} passes"
+                + (f" (budget {self.budget_rule})" if self.budget_rule else ""))
 
     def _build_subs(self, trainer: "pl.Trainer") -> None:
         r = self.remedies
@@ -471,23 +351,29 @@ class GradGuard(Callback):
                                                      force=bool(r["init"].get("force", False)))
         if "clipping" in r:
             self.subs["clipping"] = GradientClipping(**clip_options(r["clipping"], self.clip_algorithm), on_nonfinite="skip")
-        if self.monitor and not any(isinstance(cb, GradientMonitor) for cb in trainer.callbacks):
+        if self.monitor and trainer.loggers and not any(isinstance(cb, GradientMonitor) for cb in trainer.callbacks):
             self.subs["monitor"] = GradientMonitor()
         for name, state in self._loaded_sub_states.items():
             if name in self.subs:
                 self.subs[name].load_state_dict(state)
 
     def table(self) -> str:
+        """The decision table as text, then the race (held-out loss after each rung) when there was one."""
         head = ("remedy", "decision", "measurement")
-        return text_table(head, [(d.remedy, d.status, d.measurement) for d in self.decisions])
+        text = text_table(head, [(d.remedy, d.status, d.measurement) for d in self.decisions])
+        if self.diagnosis is not None and self.diagnosis.race:
+            text += "\n" + text_table(("candidate", "held-out loss after steps"), race_table(self.diagnosis))
+        return text
 
     def markdown(self) -> str:
         """The decision table as markdown (TensorBoard text ``gradguard/decisions``)."""
         head = ("remedy", "decision", "measurement")
         rows = [(d.remedy, f"**{d.status}**" if d.status in ("applied", "forced") else d.status, d.measurement)
                 for d in self.decisions]
-        return (markdown_table(head, rows) + f"\n\nprobe and trials: {self.cost_seconds:.2f}s, "
-                f"{self.cost_steps} forward/backward passes; rules: `lightning_gradguard.doctor`")
+        race = ""
+        if self.diagnosis is not None and self.diagnosis.race:
+            race = "\n\n" + markdown_table(("candidate", "held-out loss after steps"), race_table(self.diagnosis))
+        return markdown_table(head, rows) + race + f"\n\n{self.cost_line()}; rules: `lightning_gradguard.doctor`"
 
     # ---------------------------------------------------------------------------------- forwarding
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
@@ -497,16 +383,37 @@ class GradGuard(Callback):
             if sub is not None:
                 getattr(sub, hook)(*args, **kwargs)
 
-    on_train_batch_start = _forwarded("on_train_batch_start")
-    on_before_backward = _forwarded("on_before_backward")  # clipping's loss-spike detector reads the loss
-    on_before_optimizer_step = _forwarded("on_before_optimizer_step")
-    on_train_batch_end = _forwarded("on_train_batch_end")
-    on_save_checkpoint = _forwarded("on_save_checkpoint")
-    on_exception = _forwarded("on_exception")  # the monitor removes its forward hooks after a crash
-    teardown = _forwarded("teardown")
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: Any) -> None:
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:  # clipping's loss-spike detector reads the loss
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_before_backward", trainer, pl_module, loss)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: Any) -> None:
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Any) -> None:
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_save_checkpoint", trainer, pl_module, checkpoint)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: Any) -> None:  # the monitor removes its forward hooks after a crash
+        """Forwarded to the sub-callbacks."""
+        self._forward("on_exception", trainer, pl_module, exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: Any) -> None:
+        """Forwarded to the sub-callbacks."""
+        self._forward("teardown", trainer, pl_module, stage)
+
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        text = self.table() + f"\nprobe and trials: {self.cost_seconds:.2f}s, {self.cost_steps} forward/backward passes"
+        text = self.table() + "\n" + self.cost_line()
         if self.verbose:
             print_table("GradGuard decisions", text)
         log_markdown(trainer, "gradguard/decisions", self.markdown(), step=0)
@@ -518,7 +425,7 @@ class GradGuard(Callback):
             total = time.perf_counter() - self._fit_started
             share = self.cost_seconds / total if total > 0 else 0.0
             rank_zero_info(f"GradGuard: probe and trials took {self.cost_seconds:.2f}s of {total:.2f}s fit time "
-                           f"({share:.0%}), {self.cost_steps} forward/backward passes")
+                           f"({share:.0%}), {self.cost_steps:.0f} passes")
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,197 @@
+"""Trials for the doctor: candidate remedy sets trained side by side on copies of a model, within one budget.
+
+Torch only. :class:`ModelTrials` is the trial runner :func:`lightning_gradguard.doctor.decide` races
+candidates with; any object with the same ``start`` / ``charge`` / ``units_left`` methods works (a test can
+pass a scripted one).
+
+The budget is counted in *passes*, not seconds, so a decision does not depend on how loaded the machine is:
+a training step of a trial (forward, backward, optimizer step) costs 1, a forward pass on one held-out batch
+costs 1/3 (no backward), a probe batch (forward and backward) costs 1. ``budget_seconds`` is a wall-clock
+upper bound on top (the only non-deterministic stop, for a model much slower than expected). Copying the
+model and applying the remedies are not counted in passes, but they are in the measured seconds that
+GradGuard prints.
+
+Example:
+    >>> trials = ModelTrials(model, train_batches, heldout, loss_fn, make_optimizer, budget_units=60)
+    >>> run = trials.start({"init": {"scheme": "auto"}})
+    >>> run.train(8)
+    >>> losses = run.evaluate()   # one loss per held-out batch
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+#: the cost of a forward pass without backward relative to a training step (forward + backward + step)
+EVAL_COST = 1.0 / 3.0
+
+LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
+OptFn = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class BudgetSpent(RuntimeError):
+    """Raised by :meth:`ModelTrials.charge` when a pass would exceed the budget (passes or seconds)."""
+
+
+class BatchCache:
+    """The training batches every trial sees, in the same order: drawn once from ``batches`` (an iterator over
+    one pass of the training data, after the held-out batches), then reused from the start when that pass
+    ends, so no trial ever trains on a held-out batch."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._source: Optional[Iterator[Any]] = batches
+        self._cache: list[Any] = []
+
+    def __getitem__(self, step: int) -> Any:
+        while self._source is not None and step >= len(self._cache):
+            try:
+                self._cache.append(next(self._source))
+            except StopIteration:
+                self._source = None
+        if not self._cache:
+            raise RuntimeError("GradGuard: no training batch left for the trials after the held-out batches; "
+                               "lower probe_batches or use more training data")
+        return self._cache[step % len(self._cache)]
+
+
+class TrialRun:
+    """One candidate remedy set: a copy of the model with the remedies applied, its optimizer, its clipper, its
+    own random stream (so trials can be interleaved and still differ only by their remedies)."""
+
+    def __init__(self, trials: "ModelTrials", remedies: dict[str, dict[str, Any]]) -> None:
+        from lightning_gradguard.doctor import apply_remedies, make_clipper
+
+        self.trials, self.remedies = trials, remedies
+        self.steps = 0
+        self.diverged = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trials.seed)
+            self.model = copy.deepcopy(trials.structure(remedies), dict(trials.memo))
+            if "init" in remedies:  # force=True skips the loaded-weights check when it is known to keep nothing
+                init = {**remedies["init"], "force": remedies["init"].get("force") or trials.init_keeps_nothing}
+                apply_remedies(self.model, {"init": init}, seed=trials.seed)
+            self.optimizer = trials.make_optimizer(self.model)
+            self.clip = make_clipper(self.model, remedies["clipping"]) if "clipping" in remedies else None
+            self._rng = torch.get_rng_state()
+
+    def train(self, steps: int) -> None:
+        """``steps`` more optimizer steps on the shared batch sequence; stops early once the loss is not finite.
+        Raises :class:`BudgetSpent` before a step the budget does not cover."""
+        self.model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            try:
+                for _ in range(steps):
+                    if self.diverged:
+                        return
+                    self.trials.charge(1.0)
+                    batch = self.trials.train_batches[self.steps]
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = self.trials.loss_fn(self.model, batch, self.steps)
+                    self.steps += 1
+                    if not torch.isfinite(loss.detach()):
+                        self.diverged = True
+                        return
+                    loss.backward()
+                    if self.clip is not None:
+                        self.clip()
+                    self.optimizer.step()
+            finally:
+                self._rng = torch.get_rng_state()
+
+    def evaluate(self) -> list[float]:
+        """The loss on each held-out batch (training mode, so BatchNorm uses batch statistics as in training;
+        no gradient); ``inf`` for every batch once the trial diverged."""
+        n = len(self.trials.heldout)
+        if self.diverged:
+            return [math.inf] * n
+        self.trials.charge(EVAL_COST * n)
+        self.model.train()
+        out = []
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.set_rng_state(self._rng)
+            for i, batch in enumerate(self.trials.heldout):
+                value = float(self.trials.loss_fn(self.model, batch, i).detach())
+                out.append(value if math.isfinite(value) else math.inf)
+        if not all(math.isfinite(v) for v in out):
+            self.diverged = True
+        return out
+
+    def close(self) -> None:
+        """Free the copy."""
+        del self.model, self.optimizer, self.clip
+
+
+class ModelTrials:
+    """The trial runner: starts :class:`TrialRun` s of ``model`` and counts every pass against the budget.
+
+    Args:
+        model: the model as it is before any remedy (it is copied, never changed).
+        train_batches: the training batches, as a :class:`BatchCache` or a plain iterator.
+        heldout: the held-out batches the trials are scored on (never trained on).
+        loss_fn: ``loss_fn(model, batch, index) -> loss``.
+        make_optimizer: ``make_optimizer(model) -> optimizer`` (the user's optimizer for a copy).
+        budget_units: passes allowed, counted as described in the module docstring.
+        budget_seconds: wall-clock upper bound, from construction.
+        seed: the seed every trial starts from.
+        memo: a ``copy.deepcopy`` memo (objects shared, not copied: e.g. the Trainer a module points to).
+        spent_units: passes already spent (the probe).
+    """
+
+    def __init__(self, model: nn.Module, train_batches: Any, heldout: Sequence[Any], loss_fn: LossFn,
+                 make_optimizer: OptFn, budget_units: float, budget_seconds: float = math.inf, seed: int = 0,
+                 memo: Optional[dict] = None, spent_units: float = 0.0) -> None:
+        self.model, self.heldout, self.loss_fn, self.make_optimizer = model, list(heldout), loss_fn, make_optimizer
+        self.train_batches = train_batches if isinstance(train_batches, BatchCache) else BatchCache(iter(train_batches))
+        self.budget_units, self.budget_seconds, self.seed = float(budget_units), float(budget_seconds), seed
+        self.memo = memo or {}
+        self.spent_units = float(spent_units)
+        self.started = time.perf_counter()
+        self._structures: dict[str, nn.Module] = {}
+        #: the caller checked that init keeps no layer as loaded/trained (so trials may skip that check)
+        self.init_keeps_nothing = False
+
+    def units_left(self) -> float:
+        return self.budget_units - self.spent_units
+
+    def eval_cost(self) -> float:
+        return EVAL_COST * len(self.heldout)
+
+    def charge(self, units: float) -> None:
+        """Count ``units`` passes; :class:`BudgetSpent` if they exceed the budget or the seconds are spent."""
+        if self.spent_units + units > self.budget_units + 1e-9:
+            raise BudgetSpent(f"{self.spent_units + units:.1f} passes > budget {self.budget_units:.1f}")
+        if time.perf_counter() - self.started > self.budget_seconds:
+            raise BudgetSpent(f"budget_seconds={self.budget_seconds:g} spent")
+        self.spent_units += units
+
+    def structure(self, remedies: dict[str, dict[str, Any]]) -> nn.Module:
+        """The model with the structural remedies (activation replacement, BatchNorm) of ``remedies`` applied,
+        built once per structure and cached (the surgery traces the model, which costs more than a few steps)."""
+        from lightning_gradguard.doctor import apply_remedies
+
+        structural = {k: v for k, v in remedies.items() if k in ("activation", "batchnorm")}
+        key = repr(sorted(structural.items()))
+        if key not in self._structures:
+            if not structural:
+                self._structures[key] = self.model
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)
+                    built = copy.deepcopy(self.model, dict(self.memo))
+                    apply_remedies(built, structural, seed=self.seed)
+                self._structures[key] = built
+        return self._structures[key]
+
+    def close(self) -> None:
+        """Free the cached structures."""
+        self._structures.clear()
+
+    def start(self, remedies: dict[str, dict[str, Any]]) -> TrialRun:
+        return TrialRun(self, remedies)
