@@ -18,7 +18,7 @@ therefore of a fit without validation (stricter than with it).
 
     python benchmarks/doctor_zoo.py --nets 0-9          # fit nets 0-9, cache results in benchmarks/doctor_zoo.json
     python benchmarks/doctor_zoo.py --write-readme      # summarise the cache into README (block doctor_zoo)
-    python benchmarks/doctor_zoo.py --quick             # 3 nets, nothing cached (used by a test)
+    python benchmarks/doctor_zoo.py --quick             # 3 nets, 2 epochs, nothing cached (a smoke run, used by a test)
 
 Long runs on the shared machine go under the CPU lock in pieces:
 ``flock /work/cpu.lock timeout 1800 python benchmarks/doctor_zoo.py --nets 0-11``. ``--write-readme`` refuses
@@ -155,11 +155,11 @@ def recipe(subset: tuple[str, ...], net: dict[str, Any]) -> list[pl.Callback]:
     return cbs
 
 
-def fit(net: dict[str, Any], callbacks: list[pl.Callback]) -> tuple[float, float]:
+def fit(net: dict[str, Any], callbacks: list[pl.Callback], epochs: int = EPOCHS) -> tuple[float, float]:
     """Test accuracy and fit seconds."""
     pl.seed_everything(SEED, verbose=False)
     model, data = build(net)
-    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, callbacks=callbacks)
     start = time.perf_counter()
@@ -169,10 +169,10 @@ def fit(net: dict[str, Any], callbacks: list[pl.Callback]) -> tuple[float, float
     return float(acc), seconds
 
 
-def run_net(net: dict[str, Any]) -> dict[str, Any]:
-    subsets = {"+".join(s) or "none": fit(net, recipe(s, net))[0] for s in SUBSETS}
+def run_net(net: dict[str, Any], epochs: int = EPOCHS) -> dict[str, Any]:
+    subsets = {"+".join(s) or "none": fit(net, recipe(s, net), epochs)[0] for s in SUBSETS}
     gg = GradGuard(verbose=False, monitor=False)
-    acc, seconds = fit(net, [gg])
+    acc, seconds = fit(net, [gg], epochs)
     applied = [d.remedy for d in gg.decisions if d.status in ("applied", "forced")]
     return {"net": net, "title": title(net), "subsets": subsets, "gradguard": acc, "gg_seconds": seconds,
             "gg_cost": gg.cost_seconds, "gg_share": gg.cost_seconds / seconds, "gg_passes": gg.cost_steps,
@@ -237,7 +237,7 @@ def parse_nets(text: str, n: int) -> list[int]:
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nets", default="", help="indices, e.g. 0-9,12 (default: all)")
-    parser.add_argument("--quick", action="store_true", help="3 nets (a sick MLP, a sick CNN, a healthy MLP), no cache")
+    parser.add_argument("--quick", action="store_true", help="3 small nets (sick MLP, sick CNN, healthy MLP), 2 epochs, no cache")
     parser.add_argument("--write-readme", action="store_true", help="summarise the cache into README (block doctor_zoo)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -255,11 +255,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         write_block("doctor_zoo", "Measured by `python benchmarks/doctor_zoo.py --nets ...` then `--write-readme`:\n\n```\n"
                     + "\n".join(lines) + "\n```")
         return rows
-    picks = [0, 4, 41] if args.quick else (parse_nets(args.nets, len(nets)) if args.nets else list(range(len(nets))))
+    picks = [15, 4, 41] if args.quick else (parse_nets(args.nets, len(nets)) if args.nets else list(range(len(nets))))
     print(HEADER, flush=True)
     rows = []
     for i in picks:
-        row = run_net(nets[i])
+        row = run_net(nets[i], 2 if args.quick else EPOCHS)
         row["version"] = version
         rows.append(row)
         print(line(row), flush=True)
