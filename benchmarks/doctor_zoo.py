@@ -22,13 +22,18 @@ therefore of a fit without validation (stricter than with it).
 
 Long runs on the shared machine go under the CPU lock in pieces:
 ``flock /work/cpu.lock timeout 1800 python benchmarks/doctor_zoo.py --nets 0-11``. ``--write-readme`` refuses
-a cache made by another version of the doctor (a digest of ``doctor.py``, ``trials.py`` and the callback).
+rows whose GradGuard fit was made by other code (a digest of the package and this script). The 16 remedy-subset fits
+of a net are cached under their own digest (the remedy code, not the doctor), so a change to the doctor re-runs only
+the GradGuard fits. Several ``--nets`` runs may fill the cache at once (it is written under a file lock).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -169,8 +174,10 @@ def fit(net: dict[str, Any], callbacks: list[pl.Callback], epochs: int = EPOCHS)
     return float(acc), seconds
 
 
-def run_net(net: dict[str, Any], epochs: int = EPOCHS) -> dict[str, Any]:
-    subsets = {"+".join(s) or "none": fit(net, recipe(s, net), epochs)[0] for s in SUBSETS}
+def run_net(net: dict[str, Any], epochs: int = EPOCHS, subsets: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Fit one net with every remedy subset (unless ``subsets`` are given from the cache) and with GradGuard."""
+    if subsets is None:
+        subsets = {"+".join(s) or "none": fit(net, recipe(s, net), epochs)[0] for s in SUBSETS}
     gg = GradGuard(verbose=False, monitor=False)
     acc, seconds = fit(net, [gg], epochs)
     applied = [d.remedy for d in gg.decisions if d.status in ("applied", "forced")]
@@ -215,12 +222,43 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def digest() -> str:
-    h = hashlib.sha256()
-    for p in ("lightning_gradguard/doctor.py", "lightning_gradguard/trials.py", "lightning_gradguard/callbacks/gradguard.py",
-              "benchmarks/doctor_zoo.py"):
-        h.update((ROOT / p).read_bytes())
+#: the code a remedy-subset fit runs (everything but the doctor); its digest keys the cached subset fits, so a
+#: change to the doctor re-runs only the GradGuard fits
+REMEDY_CODE = ("activations.py", "graph.py", "init.py", "lsuv.py", "pretrained.py", "clipping.py", "step_skip.py",
+               "distributed.py", "_validation.py", "surgery", "demo", "callbacks/weight_init.py",
+               "callbacks/batchnorm_insertion.py", "callbacks/activation_replacement.py",
+               "callbacks/gradient_clipping.py", "callbacks/_common.py", "callbacks/_surgery_base.py",
+               "callbacks/_lightning_internals.py")
+
+
+def _hash(paths: list[Path], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def remedy_digest() -> str:
+    """Digest of what the remedy-subset fits depend on: the remedy code and this script's nets, recipes and fit."""
+    pkg = ROOT / "lightning_gradguard"
+    paths = sorted(q for name in REMEDY_CODE for q in ([pkg / name] if name.endswith(".py") else (pkg / name).rglob("*.py")))
+    src = "".join(inspect.getsource(o) for o in (FunctionalBlock, ZooNet, zoo, build, recipe, fit))
+    return _hash(paths, src + repr((EPOCHS, SEED, LR, SUBSETS)))
+
+
+def digest() -> str:
+    """Digest of what a GradGuard fit depends on: the whole package and this script."""
+    return _hash(sorted((ROOT / "lightning_gradguard").rglob("*.py")) + [ROOT / "benchmarks" / "doctor_zoo.py"])
+
+
+@contextlib.contextmanager
+def locked_cache() -> Any:
+    """Read-modify-write of the cache under a file lock, so several ``--nets`` runs can fill it at once."""
+    with open(CACHE.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+        yield cache
+        CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
 
 
 def parse_nets(text: str, n: int) -> list[int]:
@@ -245,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     nets = zoo()
     cache = json.loads(CACHE.read_text()) if CACHE.exists() and not args.quick else {}
-    version = digest()
+    version = digest()  # GradGuard fits: any package change re-runs them; subset fits are keyed by remedy_digest()
     if args.write_readme:
         rows = [cache[str(i)] for i in range(len(nets)) if str(i) in cache and cache[str(i)].get("version") == version]
         if len(rows) != len(nets):
@@ -258,15 +296,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     picks = [15, 4, 41] if args.quick else (parse_nets(args.nets, len(nets)) if args.nets else list(range(len(nets))))
     print(HEADER, flush=True)
     rows = []
+    remedy_version = remedy_digest()
     for i in picks:
-        row = run_net(nets[i], 2 if args.quick else EPOCHS)
-        row["version"] = version
+        old = cache.get(str(i), {})
+        if old.get("version") == version:
+            row = old  # already fitted by this code
+        else:
+            reuse = old.get("subsets") if old.get("remedy_version") == remedy_version and not args.quick else None
+            row = run_net(nets[i], 2 if args.quick else EPOCHS, reuse)
+            row["version"], row["remedy_version"] = version, remedy_version
+            if not args.quick:
+                with locked_cache() as cache:
+                    cache[str(i)] = row
         rows.append(row)
         print(line(row), flush=True)
-        if not args.quick:
-            cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
-            cache[str(i)] = row
-            CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
     print("\n".join(summary(rows)))
     return rows
 
