@@ -55,6 +55,11 @@ _EXPORTS: dict[str, str] = {
     "broadcast_object": "lightning_gradguard.distributed",
     "reduce_sum_max": "lightning_gradguard.distributed",
     "check_strategy": "lightning_gradguard.distributed",
+    "probe": "lightning_gradguard.doctor",
+    "decide": "lightning_gradguard.doctor",
+    "DoctorOptions": "lightning_gradguard.doctor",
+    "Diagnosis": "lightning_gradguard.doctor",
+    "ModelTrials": "lightning_gradguard.trials",
 }
 
 __all__ = list(_EXPORTS)
@@ -83,9 +88,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from lightning_gradguard.activations import register_activation
     from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
+    from lightning_gradguard.doctor import Diagnosis, DoctorOptions, decide, probe
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector, LayerRow
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
     from lightning_gradguard.stats import grad_statistics, layer_groups
+    from lightning_gradguard.trials import ModelTrials
     from lightning_gradguard.step_skip import SpikeDetector, StepSkipper
     from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec

@@ -58,38 +58,38 @@ def test_probe_restores_weights_bn_stats_grads_and_rng():
 
 def test_healthy_model_gets_no_architecture_change(tmp_path):
     pl.seed_everything(0, verbose=False)
-    gg = GradGuard(monitor=False, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False, budget_steps=40)
     model = DeepMLP()
     _trainer(tmp_path, [gg], max_steps=2).fit(model, datamodule=DigitsDataModule())
     d = _decisions(gg)
-    assert d["batchnorm"] == "not applied" and d["activation"] == "not applied" and d["clipping"] == "not applied"
+    assert d["batchnorm"] in ("not applied", "untried") and d["activation"] in ("not applied", "untried"), d
+    assert d["clipping"] == "not applied"
+    assert gg.cost_steps <= 40  # the budget, in passes
     assert not any(isinstance(m, Normalized) for m in model.modules())
 
 
 def test_deep_sigmoid_fires_batchnorm_and_activation_rules_and_fixes_it(tmp_path):
     pl.seed_everything(0, verbose=False)
-    gg = GradGuard(verbose=False)
+    gg = GradGuard(verbose=False, budget_steps=40)
     model = DeepMLP(depth=20, activation="sigmoid")
     trainer = _trainer(tmp_path, [gg], max_epochs=5)
     trainer.fit(model, datamodule=DigitsDataModule())
     rows = {d.remedy: d for d in gg.decisions}
-    assert "flow ratio" in rows["batchnorm"].measurement and rows["batchnorm"].status != "not applied"
-    assert rows["activation"].status != "not applied"
+    assert "flow ratio" in rows["batchnorm"].measurement and rows["batchnorm"].status == "applied"
     assert any(isinstance(m, Normalized) for m in model.modules())  # applied to the real model
-    assert not any(isinstance(m, nn.Sigmoid) for m in model.modules())
     acc = trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"]
     assert acc >= 0.85, acc
     texts = read_texts(load_events(trainer.logger.log_dir), "gradguard/decisions")
-    assert texts and "batchnorm" in texts[0] and "probe and trials" in texts[0]
+    assert texts and "batchnorm" in texts[0] and "probe and trials" in texts[0] and "held-out loss after steps" in texts[0]
     assert texts[0].startswith("| remedy | decision | measurement |")  # markdown: TensorBoard renders a table
     init_row = next(d.measurement for d in gg.decisions if d.remedy == "init")
-    assert "; kept: " in init_row or "; dropped: " in init_row  # says why, not only the two losses
+    assert "winner" in init_row or "chosen" in init_row  # says why, not only the losses
     assert any(t.startswith("grad_norm/") for t in load_events(trainer.logger.log_dir).Tags()["scalars"])  # its monitor
 
 
 def test_conservative_only_suggests(tmp_path):
     pl.seed_everything(0, verbose=False)
-    gg = GradGuard(architecture_changes=False, monitor=False, verbose=False)
+    gg = GradGuard(architecture_changes=False, monitor=False, verbose=False, budget_steps=40)
     model = DeepMLP(depth=20, activation="sigmoid")
     _trainer(tmp_path, [gg], max_steps=1).fit(model, datamodule=DigitsDataModule())
     statuses = _decisions(gg)
@@ -233,3 +233,23 @@ def test_a_crash_reaches_the_monitor_through_gradguard_and_its_hooks_are_removed
         _trainer(tmp_path, [gg], max_steps=2).fit(model, datamodule=SyntheticDataModule(num_samples=64, input_shape=[16]))
     assert "monitor" in gg.subs
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_logger_false_works_and_prints_the_table(tmp_path, capsys):
+    gg = GradGuard(budget_steps=20, probe_batches=1, trial_steps=4)  # monitor=True by default
+    model = DeepMLP(input_shape=[16], num_classes=4, depth=3, width=16)
+    _trainer(tmp_path, [gg], max_steps=2, logger=False).fit(model, datamodule=SyntheticDataModule(num_samples=128, input_shape=[16]))
+    d = {x.remedy: x for x in gg.decisions}
+    assert d["monitor"].status == "not applied" and "no logger" in d["monitor"].measurement
+    assert "monitor" not in gg.subs
+
+
+def test_budget_fraction_counts_the_fit_steps_and_is_enforced(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(monitor=False, verbose=False, budget_fraction=0.5)
+    model = DeepMLP(input_shape=[16], num_classes=4, depth=6, width=16, activation="tanh")
+    _trainer(tmp_path, [gg], max_steps=60).fit(model, datamodule=SyntheticDataModule(num_samples=512, input_shape=[16]))
+    assert gg.budget_rule.startswith("0.5 × 60 fit steps")
+    assert 0 < gg.cost_steps <= 30  # probe + every trial pass, within 0.5 × 60
+    raced = [r for r in gg.diagnosis.race if len(r.scores) > 1]
+    assert len(raced) >= 2 and raced[0].name == "no remedy"  # the reference is always raced

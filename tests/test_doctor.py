@@ -1,0 +1,114 @@
+"""The doctor as a plain torch function: ``probe`` + ``ModelTrials`` + ``decide``, no Lightning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gradguard.doctor import DoctorOptions, beats, candidates, decide, plan, probe
+from lightning_gradguard.trials import BudgetSpent, ModelTrials
+
+
+def _data(n=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :4].argmax(1))  # a learnable rule
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
+
+
+def _loss(model, batch, index):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _mlp(depth, act, std=None):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(depth):
+        layers += [nn.Linear(16 if i == 0 else 32, 32), act()]
+    model = nn.Sequential(*layers, nn.Linear(32, 4))
+    if std is not None:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0, std)
+                    m.bias.zero_()
+    return model
+
+
+def _decide(model, budget, **options):
+    batches = _data()
+    heldout, train = batches[:2], batches[2:]
+    p = probe(model, heldout, _loss)
+    trials = ModelTrials(model, iter(train), heldout, _loss, _sgd, budget_units=budget, spent_units=len(heldout))
+    return p, trials, decide(p, trials, DoctorOptions(**options))
+
+
+def test_beats_needs_more_than_the_noise_of_the_paired_differences():
+    a = [2.0, 2.2, 1.8, 2.0]
+    assert beats([1.0, 1.2, 0.8, 1.0], a, z=2.0, margin=0.02)
+    assert not beats([1.9, 2.3, 1.7, 2.0], a, z=2.0, margin=0.02)  # lower on average, within noise
+    assert not beats([1.99, 2.19, 1.79, 1.99], a, z=2.0, margin=0.02)  # consistent but under the 2% margin
+    assert beats([2.5, 2.5], [math.inf, math.inf], 2.0, 0.02) and not beats([math.inf], [1.0], 2.0, 0.02)
+
+
+def test_batchnorm_is_a_candidate_even_when_the_flow_looks_balanced():
+    model = _mlp(2, nn.Tanh)
+    p = probe(model, _data()[:2], _loss)
+    assert 1e-3 < p.flow_ratio < 1e3
+    sets = candidates(p, DoctorOptions())
+    assert any("batchnorm" in s for s in sets) and sets[0] == {}
+    assert any(s.get("activation", {}).get("mapping") == {"tanh": "elu"} for s in sets)
+
+
+def test_plan_fits_the_budget():
+    assert plan(8, 6, 2 / 3, 10) == 0  # not even two candidates
+    n = plan(8, 6, 2 / 3, 40)
+    assert n >= 2 and plan(8, 6, 2 / 3, 400) == 8
+
+
+def test_deep_sigmoid_gets_a_remedy_and_the_budget_holds():
+    model = _mlp(12, nn.Sigmoid)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p, trials, diagnosis = _decide(model, budget=60)
+    assert diagnosis.remedies, diagnosis.decisions  # a 12-layer sigmoid net at chance gets something
+    assert diagnosis.units <= 60 and trials.spent_units == diagnosis.units
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # trials train copies only
+    rows = {r.name: r for r in diagnosis.race}
+    assert len(rows["no remedy"].scores) >= 2  # the reference is raced (do no harm)
+
+
+def test_healthy_net_keeps_no_remedy_or_a_gain_beyond_noise():
+    model = _mlp(1, nn.ReLU)
+    _, _, diagnosis = _decide(model, budget=60)
+    winner = next(r for r in diagnosis.race if r.name == diagnosis.winner)
+    if diagnosis.winner != "no remedy":  # only for a held-out gain beyond noise at the same step count
+        ref = diagnosis.race[0]
+        steps = max(s for s in winner.steps if s in ref.steps and s > 0)
+        assert beats(winner.scores[winner.steps.index(steps)], ref.scores[ref.steps.index(steps)], 2.0, 0.02)
+
+
+def test_too_small_a_budget_races_nothing_and_says_so():
+    _, _, diagnosis = _decide(_mlp(6, nn.Tanh), budget=6)
+    assert diagnosis.remedies == {}
+    assert all(d.status in ("untried", "not applied") for d in diagnosis.decisions)
+    assert any("budget" in d.measurement for d in diagnosis.decisions)
+
+
+def test_every_pass_is_charged():
+    model = _mlp(2, nn.ReLU)
+    batches = _data()
+    trials = ModelTrials(model, iter(batches[2:]), batches[:2], _loss, _sgd, budget_units=5)
+    run = trials.start({})
+    run.train(4)
+    assert trials.spent_units == 4
+    with pytest.raises(BudgetSpent):
+        run.train(2)  # the 6th pass would exceed 5
+    assert run.steps == 5

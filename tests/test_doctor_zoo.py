@@ -1,0 +1,29 @@
+"""``benchmarks/doctor_zoo.py --quick`` runs end to end: 3 nets, every method, one row each and the summary."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_doctor_zoo_quick_prints_a_row_per_net_and_the_summary():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "benchmarks/doctor_zoo.py", "--quick"], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rows = [line for line in out.splitlines() if re.match(r"^(mlp|cnn|healthy) ", line)]
+    assert len(rows) == 3, out
+    for row in rows:
+        accs = [float(x) for x in re.findall(r" (\d\.\d{3})(?= )", row)]
+        assert len(accs) == 5 and all(0.0 <= a <= 1.0 for a in accs), row
+        none, gg, everything, random_, oracle = accs
+        assert oracle >= max(none, everything, random_) - 1e-9  # the oracle is the best subset by definition
+    for method in ("none", "gradguard", "everything", "random", "oracle"):
+        assert re.search(rf"^  {method}\s+\d+/3  mean 0\.\d{{3}}$", out, re.M), method
+    assert "GradGuard probe + trials share of its fit time: min" in out
