@@ -12,10 +12,9 @@ How it decides:
    when the model has such activations), the ``force`` ones in every set, the ``off`` ones in none. No
    statistic removes a candidate: BatchNorm is a candidate even when the gradient flow looks balanced.
 2. **Order.** The budget may not cover every set. They are raced in this order: no remedy (the reference),
-   then the standard recipe built up one remedy at a time (init; init + BatchNorm; init + BatchNorm +
-   activation), then the other combinations; a set whose remedies the probe flags (flow ratio off by more
-   than ``flow_threshold``, saturated or dead units above their thresholds) moves up. The statistics only
-   order; the loss decides.
+   then the standard recipe from the top (init + BatchNorm + activation; init + BatchNorm; init), then the
+   other combinations, those whose remedies the probe flags (flow ratio off by more than ``flow_threshold``,
+   saturated or dead units above their thresholds) first. The statistics only order; the loss decides.
 3. **Race** (successive halving, Jamieson & Talwalkar 2016; Li et al. 2017, Hyperband). Every candidate
    trains ``trial_steps`` steps on the same batches from the same seed, then is scored on the *held-out*
    probe batches (never trained on); the better half goes on, training twice as long in total, until two
@@ -25,7 +24,10 @@ How it decides:
    than ``noise_z`` standard errors of the per-batch differences, and by at least ``margin`` (relative).
    Between the two finalists the smaller set wins unless the larger one beats it.
 5. **Do no harm.** The winner is kept only when it beats no remedy (at the last rung where both were
-   scored) beyond that noise; otherwise nothing is applied.
+   scored) beyond that noise, or when no remedy does not learn at all (its held-out loss does not fall beyond
+   noise) and the winner does; otherwise nothing is applied. When nothing learns within the budget while no
+   remedy does not learn either, the fullest raced set of the recipe is applied (a net that does not learn
+   cannot be harmed).
 6. **Clipping** is by rule, as part of every candidate: a recurrent layer, non-finite gradients, a
    gradient norm > ``exploding_norm``, a spike max/median > ``spike_factor`` over the probe batches. When
    every candidate diverges in the first rung, clipping joins all of them and the race starts again with the
@@ -254,7 +256,7 @@ class DoctorOptions:
     modes: dict[str, str] = field(default_factory=lambda: {r: "auto" for r in (*REMEDIES, "clipping")})
     architecture_changes: bool = True
     saturating_target: str = "elu"
-    dead_target: str = "leaky_relu"
+    dead_target: str = "elu"
     clip_algorithm: str = "percentile"
     flow_threshold: float = 1e-3
     saturation_threshold: float = 0.3
@@ -315,7 +317,7 @@ def activation_mapping(probe_: Probe, options: DoctorOptions) -> dict[str, str]:
     """The replacement for each activation of the model that activation replacement can improve."""
     present = {a for a in probe_.activations.values() if a}
     mapping = {a: options.saturating_target for a in SATURATING_BOUNDS if a in present}
-    mapping.update({a: options.dead_target for a in RELU_FAMILY if a in present})
+    mapping.update({a: options.dead_target for a in (*RELU_FAMILY, "leaky_relu") if a in present})
     return {k: v for k, v in mapping.items() if k != v}
 
 
@@ -361,7 +363,9 @@ def candidates(probe_: Probe, options: DoctorOptions) -> list[dict[str, dict[str
     options_of = {"init": {"scheme": "auto", **({"force": True} if options.modes["init"] == "force" else {})},
                   "batchnorm": {"position": "before_activation"}, "activation": {"mapping": mapping}}
     flagged = flags(probe_, options)
-    ladder = [(), ("init",), ("init", "batchnorm"), ("init", "batchnorm", "activation")]
+    # the recipe ladder from the top: the full recipe first, then with one remedy less at a time; the race's
+    # subset preference (step 4) drops what does not measurably help
+    ladder = [(), ("init", "batchnorm", "activation"), ("init", "batchnorm"), ("init",)]
     sets = []
     for i in range(8):
         chosen = tuple(r for j, r in enumerate(REMEDIES) if i >> j & 1)
@@ -371,9 +375,10 @@ def candidates(probe_: Probe, options: DoctorOptions) -> list[dict[str, dict[str
                 sets.append(chosen)
 
     def order(s: tuple[str, ...]) -> tuple:
-        # the reference first; then the sets covering the most flagged remedies, the recipe ladder, fewer remedies
+        # the reference first; then the recipe ladder; then the others, those covering flagged remedies first
         base = tuple(r for r in REMEDIES if choices[r] == [True])
-        return (s != base, -sum(r in flagged for r in s if r != "init"), s not in ladder, len(s), s)
+        return (s != base, s not in ladder, ladder.index(s) if s in ladder else 0,
+                -sum(r in flagged for r in s if r != "init"), len(s), s)
 
     return [{r: dict(options_of[r]) for r in s} for s in sorted(sets, key=order)]
 
@@ -471,7 +476,15 @@ def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow,
     finalists = sorted([r for r in scored if r.steps[-1] == last], key=lambda r: r.score)
     ref_learns = learning(ref, z, m)
     if not ref_learns:  # no remedy does not learn: prefer a finalist that does, even from a higher start
-        finalists = [r for r in finalists if learning(r, z, m)] or finalists
+        learners = [r for r in finalists if learning(r, z, m)]
+        if not learners:  # nothing learned within the budget: a net that does not learn cannot be harmed, so
+            # the fullest raced set of the recipe ladder (the candidates' order) is applied
+            full = next((r for r in scored if r is not ref and "init" in r.remedies), None)
+            if full is not None:
+                return full, ref, (f"no remedy does not learn (held-out loss {fmt(_mean(ref.scores[0]))} → "
+                                   f"{fmt(ref.score)}) and no candidate learned within the budget: the fullest "
+                                   "raced recipe")
+        finalists = learners or finalists
     best = finalists[0]
     for other in finalists[1:]:  # a smaller set that the larger one does not beat wins
         if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):

@@ -123,7 +123,8 @@ class GradGuard(Callback):
             ``init="force"`` re-initializes them too (``WeightInitialization(force=True)``).
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
-        saturating_target, dead_target: replacements for sigmoid/tanh and for dying ReLUs.
+        saturating_target, dead_target: replacements for sigmoid/tanh and for ReLU / LeakyReLU (ELU for both by
+            default: on the zoo, ELU trained the deep ReLU nets that LeakyReLU did not).
         clip_algorithm: the clipping applied when clipping is on: ``percentile`` (AutoClip), ``norm``,
             ``value``, ``agc`` or ``zscore`` (ZClip), with :data:`lightning_gradguard.doctor.CLIP_DEFAULTS`.
         flow_threshold, saturation_threshold, dead_threshold: probe statistics that move candidates up the race
@@ -151,7 +152,7 @@ class GradGuard(Callback):
         monitor: bool = True,
         architecture_changes: bool = True,
         saturating_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "elu",
-        dead_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "leaky_relu",
+        dead_target: Literal["elu", "leaky_relu", "selu", "prelu", "rrelu", "gelu", "silu"] = "elu",
         clip_algorithm: Literal["percentile", "norm", "value", "agc", "zscore"] = "percentile",
         flow_threshold: float = 1e-3,
         saturation_threshold: float = 0.3,
