@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Callable
 
 import lightning.pytorch as pl
+import torch
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SequenceDataModule, SmallCNN, VanillaRNN
@@ -66,6 +67,7 @@ def main() -> None:
         raise SystemExit("--write-readme: only the full zoo (no --only, --epochs 20, --seed 0) goes into README")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # one thread: on a shared 2-core machine two threads per process oversubscribe
     keys = [k for k in (args.only.split(",") if args.only else ZOO) if k]
     unknown = [k for k in keys if k not in ZOO]
     if unknown:
