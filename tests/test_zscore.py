@@ -4,7 +4,6 @@ bit-exact for weights and optimizer state, device-side decisions, and resume fro
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 
 import lightning.pytorch as pl
@@ -402,23 +401,23 @@ def test_zscore_spike_skipping_and_restore_never_sync_on_gpu():  # pragma: no co
     assert int(skipper.skipped) == 1
 
 
-def test_gradguard_tries_zscore_next_to_autoclip_and_agc_and_keeps_the_best(tmp_path):
+def test_gradguard_applies_zscore_clipping_when_its_rule_fires(tmp_path):
+    # GradGuard no longer races clipping algorithms (its pass budget covers remedy sets, not algorithms):
+    # clipping is by rule and ``clip_algorithm`` says which one is applied
     from lightning_gradguard import GradGuard
     from lightning_gradguard.demo import DeepMLP, SyntheticDataModule
 
     pl.seed_everything(0, verbose=False)
-    gg = GradGuard(monitor=False, verbose=False, trial_steps=8, init="off", batchnorm="off", activation="off")
+    gg = GradGuard(monitor=False, verbose=False, trial_steps=8, init="off", batchnorm="off", activation="off",
+                   clip_algorithm="zscore", budget_steps=30)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, callbacks=[gg])
     bad = DeepMLP(input_shape=[16], num_classes=4, depth=8, width=64, init_std=1.0)  # N(0, 1): norms explode
     trainer.fit(bad, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
     row = next(d for d in gg.decisions if d.remedy == "clipping")
-    scores = dict(re.findall(r"(percentile|agc|zscore) (\S+?)(?:,|$)", row.measurement.split("trial loss ")[-1]))
-    assert set(scores) == {"percentile", "agc", "zscore"}, row.measurement
-    best = min(scores, key=lambda k: float(scores[k]) if scores[k] != "diverged" else float("inf"))
-    assert gg.remedies["clipping"]["algorithm"] == best == row.options["algorithm"]
-    assert gg.subs["clipping"].algorithm == best
-    assert best == "zscore", row.measurement  # on this exploding net z-score clipping wins its trial and is kept
+    assert row.status == "applied" and "> 1000" in row.measurement, row
+    assert gg.remedies["clipping"]["algorithm"] == "zscore" == row.options["algorithm"]
+    assert gg.subs["clipping"].algorithm == "zscore"
 
 
 def test_lightning_cli_builds_zscore_with_skipping(tmp_path):
