@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = {
     "clipping": ["tests/test_properties.py", "tests/test_clipping.py", "tests/test_zscore.py",
                  "-k", "not fit and not trainer and not hydra and not amp and not resume"],
-    "init": ["tests/test_properties.py", "tests/test_init.py", "tests/test_keras_parity.py",
+    "init": ["tests/test_properties.py", "tests/test_init.py", "tests/test_keras_parity.py", "tests/test_real_code.py",
              "-k", "not callback and not fit and not hydra and not trains and not resume and not configure_model"],
     "stats": ["tests/test_properties.py", "tests/test_monitor.py",
               "-k", "not fit and not trainer and not tensorboard"],
@@ -81,7 +81,10 @@ def prepare(module: str, work: Path) -> None:
             'source_paths = ["lightning_gradguard"]\n'
             f'only_mutate = ["lightning_gradguard/{module}.py"]\n'
             f"pytest_add_cli_args_test_selection = {selection!r}\n".replace("'", '"')
-            + 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-o", "addopts=", "-x"]\n'
+            # pytest's unraisable/thread-exception plugins run gc.collect() at the end of every session: ~1 s with
+            # torch and Lightning loaded, 10 times the tests of a mutant
+            + 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", '
+            '"no:threadexception", "-q", "-o", "addopts=", "-x"]\n'
             'process_isolation = "forkserver"\n'
             "use_git_change_detection = false\n"
         )
