@@ -95,3 +95,7 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     initialize(plain, "auto", seed=3)
     for p, q in zip(sharded.parameters(), plain.parameters()):
         assert torch.equal(p.full_tensor(), q.detach())
+    with pytest.raises(ValueError, match=r"^initialize: scheme='lsuv' needs the unsharded model \(its forward passes stop "
+                       r"inside layers\): run it before fully_shard, e\.g\. build the layers in __init__ and shard them in "
+                       r"configure_model$"):
+        initialize(sharded, "lsuv", sample_input=torch.randn(4, 6))

@@ -595,3 +595,82 @@ class _TiedModel(nn.Module):
 
 def _tied_model():
     return _TiedModel()
+
+
+def test_bad_arguments_name_the_function_the_field_and_the_choices():
+    net = nn.Sequential(nn.Linear(4, 4))
+    cases = [
+        (dict(scheme="he_normall"), r"^initialize: scheme='he_normall' is not one of: auto, glorot_uniform, .* \(did you "
+                                    r"mean 'he_normal'\?\)$"),
+        (dict(distribution="gaussian"), r"^initialize: distribution='gaussian' is not one of: normal, uniform$"),
+        (dict(fan_convention="torch"), r"^initialize: fan_convention='torch' is not one of: data_flow, keras$"),
+        (dict(bias="one"), r"^initialize: bias='one' is not one of: zeros, ones, keep \(did you mean 'ones'\?\)$"),
+        (dict(overrides={"0": "lsuv"}), r"^initialize: overrides\['0'\]='lsuv' is not one of: glorot_uniform, "),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            initialize(net, **kwargs)
+    with pytest.raises(ValueError, match=r"^variance_scaling_: scale=0\.0 must be a number > 0\.0$"):
+        variance_scaling_(torch.empty(4, 4), scale=0.0)
+    with pytest.raises(ValueError, match=r"^variance_scaling_: scale=-1\.0 must be a number > 0\.0$"):
+        variance_scaling_(torch.empty(4, 4), scale=-1.0)
+    with pytest.raises(ValueError, match=r"^compute_fans: convention='tf' is not one of: data_flow, keras$"):
+        compute_fans(nn.Linear(2, 2), convention="tf")
+
+
+def test_defaults():
+    w = torch.empty(400, 100)
+    std = variance_scaling_(w, generator=torch.Generator().manual_seed(0))  # LeCun: 1/fan_in, truncated normal
+    assert std == pytest.approx(0.1)
+    assert w.abs().max().item() <= 2 * 0.1 / TRUNCATED_NORMAL_STD + 1e-7 and w.std().item() == pytest.approx(0.1, rel=0.02)
+    net = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 30))
+    assert [r.scheme for r in initialize(net, seed=0)] == ["he_normal", "glorot_normal"]  # scheme="auto"
+    (a, b) = initialize(net, "variance_scaling", seed=0)  # scale 1, fan_in, truncated normal
+    assert (a.fan, a.target_std, b.target_std) == (50, pytest.approx(math.sqrt(1 / 50)), pytest.approx(math.sqrt(1 / 40)))
+    assert net[0].weight.abs().max().item() <= 2 * a.target_std / TRUNCATED_NORMAL_STD + 1e-7
+    initialize(net, "auto", overrides={"nothing.*": "zeros"})  # not strict by default: no error
+
+
+def test_model_without_parameters_and_a_traced_fallback():
+    assert initialize(nn.Sequential(nn.ReLU()), "auto", seed=0) == []
+    rows = initialize(Untraceable(), "auto", sample_input=torch.randn(4, 8), seed=0)
+    assert [(r.activation, r.scheme) for r in rows] == [("selu", "lecun_normal"), ("relu", "he_normal"),
+                                                        ("tanh", "glorot_normal"), ("linear", "glorot_normal")]
+
+
+def test_rows_of_layers_left_alone():
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"emb": nn.Embedding(10, 8), "a": nn.Linear(8, 8), "b": nn.Linear(32, 32), "c": nn.Linear(8, 8)})
+    with torch.no_grad():
+        net.b.weight.add_(0.3 * torch.randn(32, 1) @ torch.randn(1, 32))  # looks trained
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    layers = find_layers(net, method="modules")
+    rows = {r.layer: r for r in initialize(net, "auto", exclude=["a"], seed=0, layers=layers)}
+    keep = lambda r: (r.scheme, r.fan, r.target_std, r.note)  # noqa: E731
+    assert keep(rows["emb"]) == ("-", 0, 0.0, "embedding kept (name it in overrides to init)")
+    assert keep(rows["a"]) == ("-", 0, 0.0, "excluded")
+    assert keep(rows["b"])[:3] == ("-", 0, 0.0)
+    assert rows["b"].note.startswith("kept: trained: top singular value ") and rows["b"].note.endswith(
+        "× the random edge (force=True re-initializes)")
+    for name in ("emb", "a", "b"):
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if k.startswith(name + "."))
+    assert rows["c"].scheme == "glorot_normal" and not torch.equal(before["c.weight"], net.c.weight.detach())
+
+
+def test_lsuv_defaults_and_orthogonal_start():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+    x = torch.randn(256, 32)
+    rows = initialize(net, "lsuv", sample_input=x, seed=0)
+    for r in rows:  # default tolerance 0.1
+        var = float(r.note.split()[2])
+        assert abs(var - 1) <= 0.1, r.note
+    w = net[0].weight.detach()  # orthogonal columns, rescaled: W^T W is a multiple of the identity
+    gram = w.T @ w
+    assert torch.allclose(gram, gram[0, 0] * torch.eye(32), atol=1e-4 * gram[0, 0].item())
+    # biases spread wider than the target variance: it can never reach 1, so it stops after 10 rescales
+    net = nn.Sequential(nn.Linear(16, 64))
+    with torch.no_grad():
+        net[0].bias.copy_(torch.tensor([1.5, -1.5] * 32))
+    (rec,) = initialize(net, "lsuv", sample_input=torch.randn(128, 16), bias="keep", seed=0)
+    assert rec.note.endswith("after 10 rescale(s)")
