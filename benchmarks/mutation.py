@@ -38,11 +38,12 @@ from _readme import read_block, write_block  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 #: the unit tests that exercise each module without a Trainer (pytest arguments)
 RUNNERS = {
-    "clipping": ["tests/test_properties.py", "tests/test_clipping.py", "tests/test_zscore.py",
+    "clipping": ["tests/test_properties.py", "tests/test_clipping.py", "tests/test_zscore.py", "tests/test_distributed.py",
                  "-k", "not fit and not trainer and not hydra and not amp and not resume"],
     "init": ["tests/test_properties.py", "tests/test_init.py", "tests/test_keras_parity.py", "tests/test_real_code.py",
+             "tests/test_distributed.py",
              "-k", "not callback and not fit and not hydra and not trains and not resume and not configure_model"],
-    "stats": ["tests/test_properties.py", "tests/test_monitor.py",
+    "stats": ["tests/test_properties.py", "tests/test_monitor.py", "tests/test_distributed.py",
               "-k", "not fit and not trainer and not tensorboard"],
     "health": ["tests/test_diagnosis.py", "tests/test_health.py",
                "-k", "not fit and not trainer and not zoo and not architectures and not hugging and not players "

@@ -674,3 +674,48 @@ def test_lsuv_defaults_and_orthogonal_start():
         net[0].bias.copy_(torch.tensor([1.5, -1.5] * 32))
     (rec,) = initialize(net, "lsuv", sample_input=torch.randn(128, 16), bias="keep", seed=0)
     assert rec.note.endswith("after 10 rescale(s)")
+
+
+def test_fans_of_other_weight_shapes_are_integers():
+    from transformers.pytorch_utils import Conv1D
+
+    cases = {
+        "hf_conv1d": (compute_fans(Conv1D(8, 4)), (4, 8)),  # GPT-2's Conv1D stores (in, out)
+        "bilinear": (compute_fans(nn.Bilinear(4, 5, 3)), (20, 15)),  # (out, in1, in2): in1·in2, out·in2
+        "vector": (compute_fans(nn.Linear(1, 1), torch.empty(7)), (7, 7)),
+        "lstm_ih": (compute_fans(nn.LSTM(6, 5), nn.LSTM(6, 5).weight_ih_l0, blocks=4), (6, 5)),
+        "tconv_groups": (compute_fans(nn.ConvTranspose2d(4, 6, 3, groups=2)), (18, 27)),
+    }
+    for name, (got, want) in cases.items():
+        assert got == want and all(type(f) is int for f in got), (name, got)
+
+
+def test_variance_scaling_fan_floor_and_seeded_distributions():
+    assert variance_scaling_(torch.empty(1, 1), scale=2.0) == pytest.approx(math.sqrt(2.0))  # fan 1
+    assert variance_scaling_(torch.empty(3, 3), scale=2.0, fans=(0, 0)) == pytest.approx(math.sqrt(2.0))  # at least 1
+    assert variance_scaling_(torch.empty(3, 3), mode="fan_avg", fans=(1, 2)) == pytest.approx(math.sqrt(1 / 1.5))
+    for dist in ("truncated_normal", "untruncated_normal", "uniform"):
+        a, b = torch.empty(50, 50), torch.empty(50, 50)
+        variance_scaling_(a, distribution=dist, generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(1)
+        variance_scaling_(b, distribution=dist, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, b), dist
+    with pytest.raises(ValueError, match=r"^variance_scaling_: mode='fan' is not one of: fan_in, fan_out, fan_avg"):
+        variance_scaling_(torch.empty(2, 2), mode="fan")
+    with pytest.raises(ValueError, match=r"^variance_scaling_: distribution='normal' is not one of: truncated_normal, "
+                                         r"untruncated_normal, uniform"):
+        variance_scaling_(torch.empty(2, 2), distribution="normal")
+
+
+def test_lsuv_arguments_reach_the_rescaling():
+    x = torch.randn(256, 32)
+    net = nn.Sequential(nn.Linear(32, 64))  # orthogonal start: output variance 32/64, outside any small tolerance
+    (rec,) = initialize(net, "lsuv", sample_input=x, seed=0, lsuv_tol=10.0)
+    assert rec.note.endswith("after 0 rescale(s)")
+    net = nn.Sequential(nn.Linear(16, 64))
+    with torch.no_grad():
+        net[0].bias.copy_(torch.tensor([1.5, -1.5] * 32))  # the variance can never reach 1: the cap binds
+    (rec,) = initialize(net, "lsuv", sample_input=torch.randn(128, 16), bias="keep", seed=0, lsuv_max_iters=2)
+    assert rec.note.endswith("after 2 rescale(s)")
+    with pytest.raises(ValueError, match=r"^initialize: scheme='lsuv' needs sample_input \(a training batch\)$"):
+        initialize(net, "lsuv")
