@@ -12,7 +12,9 @@ per line) are counted as equivalent: they behave exactly like the original, so n
 Needs ``pip install mutmut`` (3.x, the ``dev`` extra). Usage::
 
     python benchmarks/mutation.py init                        # one module
-    python benchmarks/mutation.py init --keep /tmp/mut-init   # keep mutmut's folder: `mutmut results`, `mutmut show`
+    python benchmarks/mutation.py init --keep /tmp/mut        # keep mutmut's folder /tmp/mut/init: `mutmut results`,
+                                                              # `mutmut show NAME` there
+    python benchmarks/mutation.py init --keep /tmp/mut --rerun   # after adding tests: only the survivors again
     python benchmarks/mutation.py clipping init stats health --write-readme   # all four, score into README
 
 ``--write-readme`` replaces the README block ``mutation`` with the table of the modules run, keeping the rows of
@@ -125,11 +127,15 @@ def count(module: str, results: str) -> tuple[dict[str, int], list[str]]:
     return counts, survivors
 
 
-def run(module: str, max_children: int, keep: Path | None) -> tuple[dict[str, int], list[str]]:
+def run(module: str, max_children: int, keep: Path | None, rerun: bool = False) -> tuple[dict[str, int], list[str]]:
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         prepare(module, keep)
-        mutmut(keep, "run", "--max-children", str(max_children))
+        names: list[str] = []
+        if rerun:  # only the mutants the last run in this folder did not kill, against the tests as they are now
+            _, left = count(module, mutmut(keep, "results", "--all", "true", capture=True))
+            names = [s.split(":")[0] for s in left]
+        mutmut(keep, "run", "--max-children", str(max_children), *names)
         return count(module, mutmut(keep, "results", "--all", "true", capture=True))
     with tempfile.TemporaryDirectory() as tmp:
         prepare(module, Path(tmp))
@@ -150,6 +156,8 @@ def main() -> None:
     parser.add_argument("modules", nargs="+", choices=sorted(RUNNERS))
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run in this folder (one per module: DIR/<module>) and keep it")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with --keep: run again only the mutants not killed last time (after adding tests)")
     parser.add_argument("--write-readme", action="store_true", help="write the table into README block `mutation`")
     args = parser.parse_args()
     print(HEADER)
@@ -157,7 +165,7 @@ def main() -> None:
     rows = {}
     for module in args.modules:
         start = time.perf_counter()
-        c, survivors = run(module, args.max_children, args.keep / module if args.keep else None)
+        c, survivors = run(module, args.max_children, args.keep / module if args.keep else None, args.rerun)
         rows[module] = row(module, c)
         print(rows[module], flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
