@@ -172,7 +172,6 @@ class GradStatsPlan:
         self._to_group: Optional[torch.Tensor] = None
         self._numel: Optional[torch.Tensor] = None
         self._weights: Optional[torch.Tensor] = None
-        self._present_cache: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         #: this rank's per-tensor sums of squares of the last :meth:`moments` call (unweighted, ``(tensors,)``)
         self.tensor_sq: Optional[torch.Tensor] = None
 
@@ -191,7 +190,6 @@ class GradStatsPlan:
         self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
         self._numel = torch.tensor([0.0 if g is None else float(g.numel()) for g in grads], device=dev)
         self._weights = distributed.count_weights(self.params, dev) if self.sharded else None
-        self._present_cache = {}
         self._signature = signature
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,12 +221,42 @@ class GradStatsPlan:
         return sums, maxes
 
 
+    def per_group(self, per_tensor: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Per-tensor values (in :attr:`params` order) combined per layer (``sum`` or ``amax``), with the index
+        built once; ``(layers,)``."""
+        if reduce not in ("sum", "amax"):
+            raise ValueError(f"GradStatsPlan.per_group: reduce={reduce!r} is not one of: sum, amax")
+        dev = per_tensor.device
+        index = self._group_index_on(dev)
+        out = torch.zeros(len(self.groups), device=dev, dtype=per_tensor.dtype)
+        if reduce == "sum":
+            return out.index_add_(0, index, per_tensor)
+        return out.scatter_reduce_(0, index, per_tensor, reduce="amax", include_self=True)
+
+    def _group_index_on(self, dev: torch.device) -> torch.Tensor:
+        if self._to_group is None or self._to_group.device != dev:
+            self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
+        return self._to_group
+
+    def weight_sq(self) -> torch.Tensor:
+        """This rank's part of each layer's squared weight norm, ``(layers,)`` (one ``_foreach_norm``; replicas
+        weighted when ``sharded``; sum over ranks, then sqrt)."""
+        if not self.params:
+            return torch.zeros(len(self.groups))
+        local = [distributed.local(p.detach()) for p in self.params]
+        sq = torch.stack(torch._foreach_norm(local, 2)).float() ** 2
+        if self.sharded:
+            sq = sq * distributed.count_weights(self.params, sq.device)
+        return self.per_group(sq)
+
+
 class _Bucket:
     """The gradients of one (device, dtype): the packed small ones (chunks of rows) and the in-place large ones."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], grads: list[Optional[torch.Tensor]],
                  chunk: int, out_device: torch.device) -> None:
         self.device, self.dtype, self.out_device = device, dtype, out_device
+        self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # sums never in half precision
         self.large = [t for t in members if grads[t].numel() >= INPLACE_MIN]  # type: ignore[union-attr]
         small = [t for t in members if grads[t].numel() < INPLACE_MIN]  # type: ignore[union-attr]
         self.large_index = torch.tensor(self.large, dtype=torch.long, device=out_device)
@@ -264,8 +292,8 @@ class _Bucket:
             if have:
                 torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
             x = self.buffer[: rows * BLOCK].view(rows, BLOCK)
-            sq = torch.linalg.vector_norm(x, 2, dim=1, dtype=torch.float32).square()
-            s = x.sum(dim=1, dtype=torch.float32)
+            sq = torch.linalg.vector_norm(x, 2, dim=1, dtype=self.acc).square().float()
+            s = x.sum(dim=1, dtype=self.acc).float()
             top = torch.maximum(x.amax(dim=1), -x.amin(dim=1)).float()
             nz = torch.count_nonzero(x, dim=1).float()
             nf = _nonfinite_rows(x, sq, exact_on_host)
@@ -276,9 +304,9 @@ class _Bucket:
         if not large:
             return
         tensors = [g for _, g in large]
-        sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()  # type: ignore[arg-type]
-        wide = self.dtype in (torch.float32, torch.float64)
-        s = torch.stack([g.sum() if wide else g.sum(dtype=torch.float32) for g in tensors]).float()
+        sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=self.acc)).square().float()  # type: ignore[arg-type]
+        wide = self.dtype == self.acc
+        s = torch.stack([g.sum() if wide else g.sum(dtype=self.acc) for g in tensors]).float()
         nz = torch.stack([torch.count_nonzero(g) for g in tensors]).float()
         tops = torch.maximum(torch.stack([g.amax() for g in tensors]), -torch.stack([g.amin() for g in tensors])).float()
         if exact_on_host and bool(torch.isfinite(sq).all()):
