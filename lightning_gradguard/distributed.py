@@ -60,13 +60,15 @@ def check_strategy(strategy: Any, owner: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ shards
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
 def is_dtensor(t: Any) -> bool:
     """``t`` is a ``torch.distributed.tensor.DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:

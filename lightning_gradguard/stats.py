@@ -121,8 +121,8 @@ def _flat(groups: Sequence[LayerGroup]) -> tuple[list[torch.Tensor], list[int]]:
 BLOCK = 128
 #: gradients with at least this many elements are reduced where they lie (no copy)
 INPLACE_MIN = 1 << 14
-#: the packed buffer holds at least this many elements (so a small model is one chunk: a few kernels in all)
-MIN_CHUNK = 1 << 16
+#: the packed buffer and the update-ratio copies hold at least this many elements (16 KiB in float32)
+MIN_CHUNK = 1 << 12
 
 
 class GradStatsPlan:
@@ -136,8 +136,8 @@ class GradStatsPlan:
       sum of squares, sum, max |g| (from ``amax``/``amin``), count of non-zeros, 4 kernels for all of them,
       then one ``index_add_`` and one ``scatter_reduce_`` from rows to tensors with an index built once.
       The buffer holds at most ``max(memory_fraction × all gradient elements, MIN_CHUNK)`` elements; more
-      small gradients than that are done in that many chunks (so a small model is one chunk; any model is at
-      most ``1/memory_fraction + 1`` chunks, whatever its number of layers);
+      small gradients than that are done in that many chunks (at most about ``1/memory_fraction + 1``
+      chunks, whatever the number of layers; ``memory_fraction=1``: one chunk);
     - larger gradients are reduced where they lie (no copy): there the data, not the kernel launch, is the
       cost, and a copy would double the bytes read.
 
@@ -431,7 +431,7 @@ class UpdateTracker:
     alone, by itself); :meth:`finish` (after the step) subtracts in place and returns this rank's ‖Δw‖² and
     ‖w_before‖² per layer, ``(2, layers)``, and which layers were measured. The next :meth:`begin` goes on
     with the following layers, so every layer is measured once every ``≈ 1/memory_fraction`` logging steps
-    (every logging step for a model of at most ``MIN_CHUNK`` elements, or with ``memory_fraction=1``).
+    (every logging step with ``memory_fraction=1``, or for a model of at most ``MIN_CHUNK`` elements).
     Exact for the layers measured: nothing is estimated.
 
     Example:

@@ -19,10 +19,11 @@ from lightning_gradguard.callbacks._common import sample_batch_provider
 from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
+    ACT_STATS, GRAD_STATS, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target,
     grad_statistics_from, histogram, layer_groups, shared_activations, to_host, unit_dim_for, update_ratios_from,
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
+from lightning_gradguard.act_stats import ActivationAccumulator
 from lightning_gradguard.host_transfer import BackgroundWriter
 from lightning_gradguard.shared_norms import step_norms_for
 
@@ -126,6 +127,7 @@ class GradientMonitor(Callback):
         histogram_bins: int = 30,
         figure_every_n_steps: int = 0,
         nonfinite_check: Literal["auto", "every_step", "logging_steps"] = "auto",
+        memory_fraction: float = 0.1,
         detect: bool = True,
         vanishing_norm: float = 1e-7,
         vanishing_ratio: float = 1e-3,
@@ -153,6 +155,8 @@ class GradientMonitor(Callback):
         self.histogram_bins = check_number(owner, "histogram_bins", histogram_bins, min_value=2, integer=True)
         self.figure_every_n_steps = check_number(owner, "figure_every_n_steps", figure_every_n_steps, min_value=0, integer=True)
         self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, ("auto", "every_step", "logging_steps"))
+        self.memory_fraction = check_number(owner, "memory_fraction", memory_fraction, min_value=0.0, max_value=1.0,
+                                            min_inclusive=False)
         self.detect = check_bool(owner, "detect", detect)
         for name, value, lo, hi in (
             ("vanishing_norm", vanishing_norm, 0.0, None), ("vanishing_ratio", vanishing_ratio, 0.0, 1.0),
@@ -190,10 +194,13 @@ class GradientMonitor(Callback):
         self._trackers_used: list[tuple[tuple[int, ...], UpdateTracker, GradStatsPlan]] = []
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._ratios: dict[int, float] = {}  # each layer's last measured update ratio
+        self._tag_cache: dict[int, tuple] = {}
+        self._hook_targets: Optional[list[tuple]] = None
         self._writer: Optional[BackgroundWriter] = None
         self._done: deque = deque()  # logging steps the writer thread finished, for the training thread
-        self._loss_nonfinite: Optional[torch.Tensor] = None
-        self._acts: dict[int, Optional[torch.Tensor]] = {}
+        self._loss_nonfinite: Optional[bool] = None
+        self._mine: dict[int, tuple[int, list[int]]] = {}
+        self._act_acc = ActivationAccumulator(saturation_eps)
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._failed_hooks: set[str] = set()
@@ -207,9 +214,8 @@ class GradientMonitor(Callback):
         self._hard: Optional[torch.Tensor] = None  # [seen, step, norm, group index] of the first norm > hard bound
         self._hard_reported = False
         # the training loss: summed on the device over the logging window, read on logging steps
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_n = 0
-        self._loss_bad: Optional[torch.Tensor] = None  # first step whose loss was NaN/Inf (-1: none)
+        self._losses: list[torch.Tensor] = []  # this window's training losses (detached scalars, read on logging steps)
+        self._loss_steps: list[int] = []
         self._batch_step = 0
         self._input_std: Optional[torch.Tensor] = None
         self._input_layer: Optional[LayerGroup] = None
@@ -237,7 +243,8 @@ class GradientMonitor(Callback):
         # the sample batch is read only if torch.fx cannot trace the model (Hugging Face models, ...)
         self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
         self._sharded = any_dtensor(list(pl_module.parameters()))
-        self._plans, self._trackers, self._pos_cache, self._ratios = {}, {}, {}, {}
+        self._plans, self._trackers, self._pos_cache, self._ratios, self._tag_cache = {}, {}, {}, {}, {}
+        self._hook_targets = None
         self._writer = BackgroundWriter()
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
@@ -299,19 +306,27 @@ class GradientMonitor(Callback):
         self._hooks.append(first.module.register_forward_pre_hook(pre_hook))
 
     # ------------------------------------------------------------------------------- hooks
+    def _targets(self, pl_module: "pl.LightningModule") -> list[tuple]:
+        """(layer index, module to hook, function to apply, unit dim) of every observed layer, found once."""
+        if self._hook_targets is None:
+            modules = dict(pl_module.named_modules())
+            shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
+            self._hook_targets = [
+                (gi, *activation_hook_target(g, modules, shared), unit_dim_for(g.module))
+                for gi, g in enumerate(self.groups) if g.info is not None and not g.frozen
+            ]
+        return self._hook_targets
+
     def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
-        modules = dict(pl_module.named_modules())
-        shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
         want_hist = self._is_hist_step(step)
-        for gi, g in enumerate(self.groups):
-            if g.info is None or g.frozen or gi in self._acts:
+        for gi, target, fn, unit_dim in self._targets(pl_module):
+            if gi in self._act_acc:
                 continue
+            g = self.groups[gi]
             act = g.activation
-            target, fn = activation_hook_target(g, modules, shared)
-            unit_dim = unit_dim_for(g.module)
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
-                if gi in self._acts:
+                if gi in self._act_acc:
                     return
                 try:
                     y = out[0] if isinstance(out, (tuple, list)) else out
@@ -321,7 +336,7 @@ class GradientMonitor(Callback):
                     if fn is not None:
                         y = fn(y)
                     # reduced as it arrives: a few values per layer are kept, never the output itself
-                    self._acts[gi] = activation_statistics(y, act, unit_dim, self.saturation_eps)
+                    self._act_acc.add(gi, y, act, unit_dim)
                     if want_hist:
                         self._act_hists[gi] = histogram(y, self.histogram_bins)
                 except Exception as err:  # noqa: BLE001 - diagnostics never break training
@@ -346,20 +361,22 @@ class GradientMonitor(Callback):
     def _plan_for(self, key: tuple[int, ...]) -> GradStatsPlan:
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = GradStatsPlan([self.groups[i] for i in key], sharded=self._sharded)
+            plan = self._plans[key] = GradStatsPlan([self.groups[i] for i in key], self.memory_fraction, self._sharded)
         return plan
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
-        if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
-            bad = ~torch.isfinite(loss.detach()).all()  # the loss passed to backward (micro-batches OR together)
-            self._loss_nonfinite = bad if self._loss_nonfinite is None else (self._loss_nonfinite | bad)
+        if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu" \
+                and loss.numel() == 1:
+            # the loss passed to backward (micro-batches OR together); on the CPU reading it waits for nothing
+            bad = not math.isfinite(loss.detach().item())
+            self._loss_nonfinite = bad or bool(self._loss_nonfinite)
 
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
         loss_bad, self._loss_nonfinite = self._loss_nonfinite, None
-        mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+        mine = self._mine_of(optimizer)
         if not mine:
             return
         key = (step, id(optimizer))
@@ -378,7 +395,8 @@ class GradientMonitor(Callback):
                 norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
             tracker = self._trackers.get(todo)
             if tracker is None:
-                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], sharded=self._sharded)
+                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
+                                                                self._sharded)
             tracker.begin()
             self._trackers_used.append((todo, tracker, tplan))
         if self.nonfinite_check == "logging_steps":
@@ -387,13 +405,22 @@ class GradientMonitor(Callback):
             sq = norms.lookup(key, plan.params)  # GradientClipping before us: its norms of these gradients
         if sq is None:
             cheap = self.nonfinite_check == "auto" and loss_bad is not None  # CPU: a host read waits for nothing
-            if cheap and not bool(loss_bad):
+            if cheap and not loss_bad:
                 return  # the loss is finite: gradients are looked at on logging steps
             sq = self._tensor_sq(plan)
             if sq is None:
                 return
             norms.publish(key, plan.params, sq)
         self._track_nonfinite(tuple(mine), plan, sq, step)
+
+    def _mine_of(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """The layers of ``optimizer``'s parameters (found once per optimizer and parameter count)."""
+        count = sum(len(grp["params"]) for grp in optimizer.param_groups)
+        cached = self._mine.get(id(optimizer))
+        if cached is None or cached[0] != count:
+            mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+            cached = self._mine[id(optimizer)] = (count, mine)
+        return cached[1]
 
     @staticmethod
     def _tensor_sq(plan: GradStatsPlan) -> Optional[torch.Tensor]:
@@ -439,19 +466,12 @@ class GradientMonitor(Callback):
         self._hard = torch.where(new_hard, cand, self._hard)
 
     def _track_loss(self, outputs: Any, step: int) -> None:
-        """Add this batch's training loss to the window sum, on the device (no host transfer)."""
+        """Keep this batch's training loss for the window (a detached scalar: no kernel, no host transfer)."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
-        loss = loss.detach().float().reshape(())
-        if self._loss_sum is None or self._loss_sum.device != loss.device:
-            self._loss_sum = torch.zeros((), device=loss.device)
-            self._loss_bad = torch.full((), -1.0, device=loss.device)
-            self._loss_n = 0
-        self._loss_sum = self._loss_sum + loss
-        self._loss_n += 1
-        fin = torch.isfinite(loss)
-        self._loss_bad = torch.where(~fin & (self._loss_bad < 0), torch.full_like(loss, float(step)), self._loss_bad)
+        self._losses.append(loss.detach().reshape(()))
+        self._loss_steps.append(step)
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -474,7 +494,7 @@ class GradientMonitor(Callback):
         self._grad.clear()
         self._step_stats.clear()
         self._trackers_used.clear()
-        self._acts.clear()
+        self._act_acc.clear()
         self._act_hists.clear()
         self._remove_hooks()
 
@@ -520,8 +540,8 @@ class GradientMonitor(Callback):
             at = self._positions(todo, pos, dev)
             upd, was = tracker.finish()
             usq.index_copy_(1, at, upd.to(dev))
-            for k, gi in enumerate(todo):
-                measured[pos[gi]] = measured[pos[gi]] or bool(was[k])  # a host-built mask: no device read
+            for k, flag in enumerate(was.tolist()):  # a mask built on the host: no device read
+                measured[pos[todo[k]]] = measured[pos[todo[k]]] or flag
         nf_keys = list(self._nf_flags)  # one flag vector per optimizer's parameter set, in _pending's order
         nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
                      else torch.zeros(0, device=dev))
@@ -537,8 +557,7 @@ class GradientMonitor(Callback):
         grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
         wnorm = sums[5 * n : 6 * n].sqrt()
         ratio = update_ratios_from(sums[6 * n :].view(2, n))
-        act_idx = [i for i in idx if self._acts.get(i) is not None]
-        acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
+        act_idx, acts = self._act_acc.finish(dev, only=set(idx))
         hard, loss, _, _, _ = self._pending(dev)
         nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
         nf_layers = maxes[n + len(nf_max) :]
@@ -556,6 +575,15 @@ class GradientMonitor(Callback):
             at = self._pos_cache[key] = torch.tensor(key[1], dtype=torch.long, device=dev)
         return at
 
+    def _tags(self, i: int) -> tuple[list[str], str, str, str, list[str]]:
+        """Layer ``i``'s scalar tags, made once."""
+        tags = self._tag_cache.get(i)
+        if tags is None:
+            name = self.groups[i].name
+            tags = self._tag_cache[i] = ([f"{s}/{name}" for s in GRAD_STATS], f"log10_grad_norm/{name}",
+                                         f"weight_norm/{name}", f"update_ratio/{name}", [f"{s}/{name}" for s in ACT_STATS])
+        return tags
+
     def _write(self, trainer: "pl.Trainer", ctx: "_StepContext", host: list[list[float]]) -> None:
         """On the writer thread: format this logging step's values and write them to TensorBoard; queue the
         rest (other loggers, detectors, heatmap) for the training thread."""
@@ -563,40 +591,47 @@ class GradientMonitor(Callback):
         nf_h = host[6 : 6 + ctx.n_nf]
         nf_layers_h = host[6 + ctx.n_nf]
         hist_h = host[7 + ctx.n_nf :]
-        k = len(GRAD_STATS)
-        metrics: dict[str, float] = {}
+        k, ka = len(GRAD_STATS), len(ACT_STATS)
+        tags: list[str] = []
+        values: list[float] = []
         rows: list[LayerRow] = []
-        act_rows = {i: acts_h[j * len(ACT_STATS) : (j + 1) * len(ACT_STATS)] for j, i in enumerate(ctx.act_idx)}
+        act_at = {i: j for j, i in enumerate(ctx.act_idx)}
+        log10 = math.log10
         for j, (i, g) in enumerate(zip(ctx.idx, ctx.sub)):
-            values = grad_h[j * k : (j + 1) * k]
-            for name, v in zip(GRAD_STATS, values):
-                metrics[f"{name}/{g.name}"] = v
-            metrics[f"log10_grad_norm/{g.name}"] = math.log10(values[0]) if 0 < values[0] < math.inf else (
-                -30.0 if values[0] == 0 else float("nan"))
-            metrics[f"weight_norm/{g.name}"] = wnorm_h[j]
-            ratio = ratio_h[j] if ctx.measured[j] else None
-            if ratio is not None:
-                metrics[f"update_ratio/{g.name}"] = ratio
-                self._ratios[i] = ratio
-            a = act_rows.get(i)
-            if a is not None:
-                for name, v in zip(ACT_STATS, a):
-                    metrics[f"{name}/{g.name}"] = v
+            grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
+            gv = grad_h[j * k : (j + 1) * k]
+            norm = gv[0]
+            tags += grad_tags
+            values += gv
+            tags.append(log_tag)
+            values.append(log10(norm) if 0 < norm < math.inf else (-30.0 if norm == 0 else math.nan))
+            tags.append(w_tag)
+            values.append(wnorm_h[j])
+            if ctx.measured[j]:
+                tags.append(r_tag)
+                values.append(ratio_h[j])
+                self._ratios[i] = ratio_h[j]
+            ja = act_at.get(i)
+            a = None
+            if ja is not None:
+                a = acts_h[ja * ka : (ja + 1) * ka]
+                tags += act_tags
+                values += a
             dead = a[2] if a is not None and g.activation in ("relu", "relu6") else None
             sat = a[3] if a is not None and g.activation in ("sigmoid", "tanh") else None
             act_ok = None if a is None else (math.isfinite(a[0]) and math.isfinite(a[1]))
-            rows.append(LayerRow(g.name, g.label(), g.activation, values[0], values[5], dead, sat,
+            rows.append(LayerRow(g.name, g.label(), g.activation, norm, gv[5], dead, sat,
                                  _is_compute(g), self._ratios.get(i), act_ok))
         norms = [r.grad_norm for r in rows]
         total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
         weighted = [r.grad_norm for r, g in zip(rows, ctx.sub) if g.info is not None]
         flow = weighted[0] / weighted[-1] if len(weighted) > 1 and weighted[-1] > 0 else float("nan")
-        metrics["gradguard/grad_norm_total"] = total
-        metrics["gradguard/flow_ratio"] = flow
-        metrics["gradguard/nonfinite_total"] = sum(r.grad_nonfinite for r in rows)
+        tags += ["gradguard/grad_norm_total", "gradguard/flow_ratio", "gradguard/nonfinite_total"]
+        values += [total, flow, sum(r.grad_nonfinite for r in rows)]
+        metrics = dict(zip(tags, values))
         log_metrics(trainer, metrics, ctx.step, loggers="tensorboard")
-        for tag, values in zip(ctx.hist_tags, hist_h):
-            log_histogram(trainer, tag, values, ctx.step)
+        for tag, hv in zip(ctx.hist_tags, hist_h):
+            log_histogram(trainer, tag, hv, ctx.step)
         self._done.append((ctx, metrics, rows, total, norms, hard_h, loss_h, nf_h, nf_layers_h))
 
     def _drain(self, trainer: "pl.Trainer") -> None:
@@ -626,18 +661,22 @@ class GradientMonitor(Callback):
         if self._input_std is not None:
             hard = torch.cat([hard, self._input_std.to(dev).reshape(1)])
             self._input_std = None
-        if self._loss_sum is not None and self._loss_n:
-            loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev),
-                                torch.full((), float(self._loss_n), device=dev)])
+        if self._losses:
+            v = torch.stack([t.to(dev) for t in self._losses]).float()
+            bad = ~torch.isfinite(v)
+            steps = torch.tensor(self._loss_steps, dtype=torch.float32, device=dev)
+            first = steps.index_select(0, bad.int().argmax().reshape(1))[0]  # the first non-finite loss's step
+            loss = torch.stack([v.mean(), torch.where(bad.any(), first, torch.full_like(first, -1.0)),
+                                torch.full((), float(len(self._losses)), device=dev)])
         else:
             loss = torch.zeros(0, device=dev)
-        self._loss_sum, self._loss_n = None, 0  # next window
+        self._losses, self._loss_steps = [], []  # next window
         return hard, loss, nf, nf_keys, nf_layers
 
     def _flush_pending(self, trainer: "pl.Trainer") -> None:
         """At the end of fit: report what happened after the last logging step (a NaN at step 1 of a run logged
         every 50 steps, the last loss window), in one transfer."""
-        dev = next((t.device for t in (self._nf_seen, self._loss_sum) if t is not None), None)
+        dev = next((t.device for t in (self._nf_seen, *self._losses[:1]) if t is not None), None)
         if dev is None:
             return
         hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
