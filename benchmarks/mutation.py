@@ -40,13 +40,15 @@ from _readme import read_block, write_block  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 #: the unit tests that exercise each module without a Trainer (pytest arguments)
 RUNNERS = {
-    "clipping": ["tests/test_properties.py", "tests/test_clipping.py", "tests/test_zscore.py", "tests/test_distributed.py",
-                 "-k", "not fit and not trainer and not hydra and not amp and not resume"],
+    "clipping": ["tests/test_properties.py", "tests/test_clipping.py", "tests/test_clipping_core.py", "tests/test_zscore.py",
+                 "tests/test_distributed.py", "-k",
+                 "not (callback or accumulation or bf16 or manual_optimization or refuses_trainer or nonfinite_gradients "
+                 "or survives_checkpoint or exploding_rnn or hydra or nonfinite_message or nonfinite_warning or real_fit "
+                 "or injected_spikes or resume or gradguard_tries or lightning_cli or never_sync_on_gpu)"],
     "init": ["tests/test_properties.py", "tests/test_init.py", "tests/test_keras_parity.py", "tests/test_real_code.py",
              "tests/test_distributed.py",
              "-k", "not callback and not fit and not hydra and not trains and not resume and not configure_model"],
-    "stats": ["tests/test_properties.py", "tests/test_monitor.py", "tests/test_distributed.py",
-              "-k", "not fit and not trainer and not tensorboard"],
+    "stats": ["tests/test_properties.py", "tests/test_stats.py", "tests/test_distributed.py"],
     "health": ["tests/test_diagnosis.py", "tests/test_health.py",
                "-k", "not fit and not trainer and not zoo and not architectures and not hugging and not players "
                "and not net_gets and not summary_says"],
