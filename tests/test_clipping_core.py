@@ -26,3 +26,183 @@ def _params(*grads):
         p.grad = torch.as_tensor(g, dtype=torch.float32).clone()
         out.append(p)
     return out
+
+
+def test_global_norm_types_and_shared_squares():
+    params = _params([3.0, -4.0], [[12.0]]) + [nn.Parameter(torch.ones(2))]  # the last has no gradient
+    assert global_norm(params).item() == pytest.approx(13.0)
+    assert global_norm(params, "inf").item() == 12.0 and global_norm(params, float("inf")).item() == 12.0
+    sq = torch.tensor([25.0, 144.0])
+    assert global_norm(params, tensor_sq=sq).item() == pytest.approx(13.0)
+    assert global_norm(params, 2, tensor_sq=sq).item() == pytest.approx(13.0)
+    for bad in ("inf", 3.0):
+        with pytest.raises(ValueError, match=rf"^global_norm: tensor_sq is only for norm_type=2, not norm_type={bad!r}$"):
+            global_norm(params, bad, tensor_sq=sq)
+    assert global_norm([]).item() == 0.0
+
+
+def test_clip_by_value_clamps_both_sides_and_skips_missing_gradients():
+    params = _params([-3.0, -0.5, 0.5, 3.0], [[2.0, -2.0]])
+    bare = nn.Parameter(torch.ones(2))
+    clip_by_value_(params + [bare], 1.0)
+    assert params[0].grad.tolist() == [-1.0, -0.5, 0.5, 1.0] and params[1].grad.tolist() == [[1.0, -1.0]]
+    assert bare.grad is None
+    clip_by_value_([], 1.0)
+
+
+def test_clip_by_norm_coefficient_is_exactly_torchs():
+    params = _params([3.0], [4.0])
+    before = clip_by_norm_(params, 1.0)
+    assert before.item() == pytest.approx(5.0)
+    coef = torch.tensor(1.0) / (torch.tensor(5.0) + 1e-6)
+    assert params[0].grad.item() == (3.0 * coef).item() and params[1].grad.item() == (4.0 * coef).item()
+    small = _params([0.3], [0.4])
+    kept = [p.grad.clone() for p in small]
+    clip_by_norm_(small, 1.0)
+    assert all(torch.equal(p.grad, k) for p, k in zip(small, kept))  # below the bound: coefficient exactly 1
+    given = _params([3.0], [4.0])
+    assert clip_by_norm_(given, torch.tensor(2.0), total_norm=torch.tensor(10.0)).item() == 10.0
+    assert given[0].grad.item() == pytest.approx(3.0 * 2.0 / (10.0 + 1e-6))
+    inf = _params([3.0, -4.0])
+    assert clip_by_norm_(inf, 2.0, "inf").item() == 4.0
+    assert inf[0].grad.tolist() == pytest.approx([3.0 * 2.0 / (4.0 + 1e-6), -4.0 * 2.0 / (4.0 + 1e-6)])
+    assert clip_by_norm_([], 1.0).item() == 0.0
+
+
+def test_clip_by_norm_nonfinite_norm_default_and_kept():
+    a = _params([INF, 1.0])
+    clip_by_norm_(a, 1.0)
+    assert torch.isnan(a[0].grad[0]) and a[0].grad[1].item() == 0.0
+    b = _params([INF, 1.0])
+    assert clip_by_norm_(b, 1.0, keep_nonfinite=True).item() == INF
+    assert b[0].grad.tolist() == [INF, 1.0]
+    c = _params([3.0], [4.0])
+    clip_by_norm_(c, 1.0, keep_nonfinite=True)  # a finite norm is still clipped
+    assert c[0].grad.item() == pytest.approx(0.6)
+
+
+def test_clip_by_norm_per_group_norms_and_coefficients():
+    a, b, c = _params([3.0], [4.0]), _params([0.3, 0.4]), [nn.Parameter(torch.ones(1))]
+    b_before = b[0].grad.clone()
+    norms = clip_by_norm_per_group_([a, c, b], 1.0)  # the group without gradients is left out
+    assert norms.tolist() == pytest.approx([5.0, 0.5])
+    assert a[0].grad.item() == pytest.approx(3.0 / (5.0 + 1e-6)) and a[1].grad.item() == pytest.approx(4.0 / (5.0 + 1e-6))
+    assert torch.equal(b[0].grad, b_before)
+    d, e = _params([3.0, -6.0]), _params([0.5], [-0.25])
+    norms = clip_by_norm_per_group_([d, e], 2.0, "inf")
+    assert norms.tolist() == [6.0, 0.5]
+    assert d[0].grad.tolist() == pytest.approx([3.0 * 2 / (6 + 1e-6), -6.0 * 2 / (6 + 1e-6)]) and e[0].grad.tolist() == [0.5]
+    assert clip_by_norm_per_group_([c], 1.0).shape == (0,) and clip_by_norm_per_group_([], 1.0).shape == (0,)
+
+
+def test_unitwise_norm_per_output_unit():
+    assert unitwise_norm(torch.tensor([3.0, 4.0])).item() == 5.0
+    assert unitwise_norm(torch.tensor(2.0)).item() == 2.0
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert unitwise_norm(w).tolist() == [[5.0], [1.0]]
+    conv = torch.ones(3, 2, 2, 2)
+    assert unitwise_norm(conv).shape == (3, 1, 1, 1) and unitwise_norm(conv).flatten().tolist() == pytest.approx([8**0.5] * 3)
+
+
+def test_adaptive_clip_per_unit_with_the_eps_floor():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]]))
+    w.grad = torch.tensor([[30.0, 40.0], [1.0, 0.0], [0.1, 0.0]])
+    b = nn.Parameter(torch.tensor([0.0, 0.0]))
+    b.grad = torch.tensor([0.3, 0.4])
+    bare = nn.Parameter(torch.ones(2))
+    adaptive_clip_([w, b, bare], clip_factor=0.1, eps=1e-3)
+    # unit 0: ‖g‖ 50 > 0.1·5 → scaled to 0.5; unit 1: zero weight, floor 1e-3 → 1e-4; unit 2: 0.1 = 0.1·1, not above
+    torch.testing.assert_close(w.grad, torch.tensor([[0.3, 0.4], [1e-4, 0.0], [0.1, 0.0]]), rtol=1e-5, atol=0)
+    assert b.grad.tolist() == pytest.approx([0.3 * 1e-4 / 0.5, 0.4 * 1e-4 / 0.5], rel=1e-5)  # a bias is one unit
+    assert bare.grad is None
+    # defaults: λ = 0.01, eps = 1e-3
+    w2 = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    w2.grad = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    adaptive_clip_([w2])
+    torch.testing.assert_close(w2.grad, torch.tensor([[0.03, 0.04], [1e-5, 0.0]]), rtol=1e-5, atol=0)
+    # a gradient norm below 1e-6 is divided by 1e-6 (as timm and the paper's code do)
+    w3 = nn.Parameter(torch.tensor([[0.0]]))
+    w3.grad = torch.tensor([[5e-7]])
+    adaptive_clip_([w3], clip_factor=1e-4, eps=1e-3)  # bound 1e-7 < ‖g‖ = 5e-7
+    assert w3.grad.item() == pytest.approx(5e-7 * 1e-7 / 1e-6, rel=1e-5)
+
+
+def test_agc_exempts_the_output_layer():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert agc_exempt_params(net) == {id(net[2].weight), id(net[2].bias)}
+    assert agc_exempt_params(nn.Sequential(nn.ReLU())) == set()
+    from lightning_gradguard.graph import find_layers
+
+    assert agc_exempt_params(net, find_layers(net)[:1]) == {id(net[0].weight), id(net[0].bias)}
+
+
+def test_masked_slot_write():
+    buf = torch.zeros(3)
+    masked_slot_write_(buf, torch.tensor(1), torch.tensor(True), torch.tensor(5.0, dtype=torch.float64))
+    assert buf.tolist() == [0.0, 5.0, 0.0] and buf.dtype == torch.float32
+    masked_slot_write_(buf, torch.tensor(2), torch.tensor(False), torch.tensor(7.0))
+    assert buf.tolist() == [0.0, 5.0, 0.0]
+
+
+def _norm_step(clipper, value, **kw):
+    (p,) = _params([value])
+    before, thr = clipper.clip_([p], **kw)
+    return before.item(), thr.item(), p.grad.item()
+
+
+def test_percentile_clipper_history_warmup_and_ring():
+    c = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=2)
+    b, thr, g = _norm_step(c, 1.0)
+    assert (b, thr, g) == (1.0, INF, 1.0)  # warm-up without a threshold: no clipping
+    b, thr, g = _norm_step(c, 2.0)
+    assert thr == 1.5 and g == pytest.approx(2.0 * 1.5 / (2.0 + 1e-6))  # median of 1, 2 (this step's included)
+    assert _norm_step(c, 3.0)[1] == 2.0
+    assert _norm_step(c, 4.0)[1] == 2.5
+    assert _norm_step(c, 5.0)[1] == 3.5  # the ring replaced the oldest: 5, 2, 3, 4
+    assert c.history.tolist() == [5.0, 2.0, 3.0, 4.0] and int(c.count) == 5
+    b, thr, g = _norm_step(c, NAN)  # not recorded; the threshold stands
+    assert thr == 3.5 and int(c.count) == 5 and c.history.tolist() == [5.0, 2.0, 3.0, 4.0]
+    assert c.threshold().item() == 3.5
+    warm = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=3, warmup_threshold=0.5)
+    assert _norm_step(warm, 2.0)[1:] == (0.5, pytest.approx(2.0 * 0.5 / (2.0 + 1e-6)))
+    assert _norm_step(warm, 2.0)[1] == 0.5
+    assert _norm_step(warm, 2.0)[1] == 2.0  # the third recorded norm ends the warm-up
+    assert PercentileClipper(history_size=3).threshold().item() == INF  # nothing recorded
+
+
+def test_percentile_clipper_defaults_arguments_and_state():
+    c = PercentileClipper()
+    assert (c.percentile, c.history_size, c.warmup_steps, c.warmup_threshold, c.norm_type) == (10.0, 1000, 10, None, 2.0)
+    thresholds = [_norm_step(c, float(v))[1] for v in range(1, 12)]
+    assert thresholds[:9] == [INF] * 9
+    assert thresholds[9] == pytest.approx(float(torch.quantile(torch.arange(1.0, 11.0), 0.1)))
+    assert thresholds[10] == pytest.approx(float(torch.quantile(torch.arange(1.0, 12.0), 0.1)))
+    for kwargs, message in [({"percentile": 101.0}, r"percentile=101\.0 must be in \[0, 100\]"),
+                            ({"percentile": -1.0}, r"percentile=-1\.0 must be in \[0, 100\]"),
+                            ({"history_size": 0}, r"history_size=0 must be an integer >= 1"),
+                            ({"warmup_steps": -1}, r"warmup_steps=-1 must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=rf"^PercentileClipper: {message}$"):
+            PercentileClipper(**kwargs)
+    for ok in ({"percentile": 0.0}, {"percentile": 100.0}, {"history_size": 1}, {"warmup_steps": 0}):
+        PercentileClipper(**ok)
+    state = c.state_dict()
+    assert state["count"] == 11 and isinstance(state["count"], int) and state["history"][:3].tolist() == [1.0, 2.0, 3.0]
+    d = PercentileClipper()
+    d.load_state_dict(state)
+    assert _norm_step(d, 50.0) == _norm_step(c, 50.0)
+    assert d.state_dict()["count"] == 12 and torch.equal(d.history, c.history)
+    state["history"][0] = -1.0  # the loaded history is a copy
+    assert d.history[0].item() == 1.0
+
+
+def test_percentile_clipper_given_norm_inf_norm_and_kept_nonfinite():
+    c = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=0)
+    b, thr, g = _norm_step(c, 3.0, total_norm=torch.tensor(6.0))  # the given norm is recorded and used
+    assert (b, thr) == (6.0, 6.0) and g == pytest.approx(3.0 * 6.0 / (6.0 + 1e-6))
+    inf = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=0, norm_type="inf")
+    p = _params([1.0, -3.0])
+    assert inf.clip_(p)[0].item() == 3.0
+    kept = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=0)
+    _norm_step(kept, 1.0)
+    assert _norm_step(kept, INF, keep_nonfinite=True)[2] == INF
+    assert torch.isnan(torch.tensor(_norm_step(kept, INF)[2]))
