@@ -133,11 +133,14 @@ def run(module: str, max_children: int, keep: Path | None, rerun: bool = False) 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         prepare(module, keep)
-        names: list[str] = []
-        if rerun:  # only the mutants the last run in this folder did not kill, against the tests as they are now
+        # mutmut runs only the mutants without a result here (all of them the first time; after a change of the
+        # module, those of the changed functions)
+        mutmut(keep, "run", "--max-children", str(max_children))
+        if rerun:  # and the mutants not killed so far, against the tests as they are now
             _, left = count(module, mutmut(keep, "results", "--all", "true", capture=True))
             names = [s.split(":")[0] for s in left]
-        mutmut(keep, "run", "--max-children", str(max_children), *names)
+            if names:
+                mutmut(keep, "run", "--max-children", str(max_children), *names)
         return count(module, mutmut(keep, "results", "--all", "true", capture=True))
     with tempfile.TemporaryDirectory() as tmp:
         prepare(module, Path(tmp))

@@ -111,7 +111,7 @@ def test_nonfinite_blocks_the_norm_rules_on_that_step():
 def test_amp_overflow_is_its_own_kind():
     d = HealthDetector()
     (f,) = d.update(2, [_row("a", NAN, grad_nonfinite=4.0), _row("b", 1.0)], NAN, amp_overflow=True)
-    assert (f.kind, f.layer, f.value) == ("amp_overflow", "a", 4.0)
+    assert (f.kind, f.layer, f.step, f.value) == ("amp_overflow", "a", 2, 4.0)
     assert f.message == ("step 2: layer `a`: inf/NaN gradients — AMP overflow, the GradScaler skips this step; "
                          + REMEDY["amp_overflow"])
 
@@ -157,6 +157,9 @@ def test_what_preceded_a_nonfinite_step():
     assert _preceded([(0, 1.0), (1, 3.0), (2, 10.0)]) == (
         "the total gradient norm grew ×10 before it (1 → 3 → 10 at steps 0–2)")  # ×growth_factor exactly counts
     assert _preceded([(0, 1.0), (1, 9.99)]) == "the total gradient norm looked ordinary before it (1 → 9.99 at steps 0–1)"
+    assert _preceded([(0, 2.0), (1, 40.0)]) == "the total gradient norm grew ×20 before it (2 → 40 at steps 0–1)"
+    # one logged step shows no growth, whatever the factor
+    assert _preceded([(4, 3.0)], growth_factor=1.0) == "the total gradient norm looked ordinary before it (3 at step 4)"
     assert _preceded([(0, 500.0), (1, 1001.0)]) == (
         "the total gradient norm was already huge before it (500 → 1e+03 at steps 0–1)")
     assert _preceded([(0, 1000.0)]) == "the total gradient norm looked ordinary before it (1e+03 at step 0)"
@@ -354,6 +357,7 @@ def test_unnormalized_input_fires_at_once_above_the_bound():
     assert d.input_scale(3, "fc", "layer `fc`", 127.5) == []
     assert d.input_scale(4, "fc", "layer `fc`", 1.0) == []
     assert len(d.input_scale(5, "fc", "layer `fc`", 127.5)) == 1  # re-armed after one clear step
+    assert len(d.input_scale(6, "conv", "layer `conv`", 127.5)) == 1  # each layer on its own
 
 
 # ----------------------------------------------------------------------------------------- training progress
@@ -380,6 +384,12 @@ def test_not_converging_bounds():
     assert _kinds(_curve(HealthDetector(), [2.0] * 10 + [1.81, 1.81])) == ["not_converging"]
     # the best of the last two windows counts, not the last one
     assert _kinds(_curve(HealthDetector(), [2.0] * 10 + [1.7, 1.9])) == []
+    (f,) = _curve(HealthDetector(), [2.0] * 8 + [1.81, 1.9, 1.9])
+    assert (f.kind, f.value) == ("not_converging", 1.9)  # "now": the last two windows, not the three before
+    # the best window exactly 10% lower is not "less than 10% lower", even when the last two are higher
+    assert _kinds(_curve(HealthDetector(), [2.0] * 8 + [1.8, 1.9, 1.9])) == []
+    # small losses too (a first window below 1)
+    assert _kinds(_curve(HealthDetector(), [0.5] * 12)) == ["not_converging"]
     # once the loss was ever 10% lower, a rise back is not "not converging" (it is a plateau)
     assert "not_converging" not in _kinds(_curve(HealthDetector(), [2.0, 1.5] + [2.0] * 10))
     # not before progress_min_steps, nor before 4 windows
@@ -442,6 +452,9 @@ def test_swings_count_peak_to_trough_falls_relative_to_the_start():
     # the first trough after a peak counts, not the deepest
     assert d._swings([0.0, 1.0, 0.99, 1.0, 0.0, 0.5], 1.0) == 1
     assert d._swings([2.0, 1.0, 1.0, 1.0], 1.0) == 0  # ties are peaks and troughs, but fall by 0
+    assert d._swings([0.0, 1.0, 1.0, 0.0, 0.5], 1.0) == 2  # both ends of a flat top are peaks
+    assert d._swings([0.0, 1.0, 2.0, 0.0, 0.5], 1.0) == 1  # a rising point is no peak
+    assert d._swings([0.0, 1.0, 1.0, 1.0, 0.0, 0.5], 1.0) == 2  # a flat point is no trough of itself
 
 
 def test_oscillation_needs_six_windows_and_the_rate():
@@ -493,6 +506,9 @@ def test_frozen_between_trained_layers_message_and_majority():
     assert HealthDetector().frozen(0, half) == []  # half trained: adapters, not a mistake
     three = [("a", "a", True, True), ("b", "b", True, False), ("c", "c", True, True), ("d", "d", True, True)]
     assert [f.layer for f in HealthDetector().frozen(0, three)] == ["b"]
+    two = [("a", "a", True, True), ("b", "b", True, False), ("c", "c", True, False), ("d", "d", True, True),
+           ("e", "e", True, True), ("f", "f", True, True)]
+    assert [f.layer for f in HealthDetector().frozen(0, two)] == ["b", "c"]  # each layer on its own
 
 
 def test_not_in_optimizer_message():
@@ -511,7 +527,8 @@ def test_summary_lines():
                                           "checked)")
     d = HealthDetector()
     d.update_loss(0, 2.5)
-    d.update_loss(10, 0.75)
+    d.update_loss(10, 1.5)
+    d.update_loss(20, 0.75)
     assert d.summary() == "gradguard: no gradient problems found, and the training loss is falling (2.5 → 0.75)"
     d = HealthDetector(patience=1)
     for s in range(3):
@@ -538,6 +555,11 @@ def test_state_dict_round_trip_continues_exactly():
     assert state["tracks"]["dead:a"] == {"streak": 3, "clear": 0, "fired": True}
     assert state["last_total"] == 100.0 and state["growth_streak"] == 2
     assert state["loss_nonfinite_step"] == 5
+    # the checkpoint format: one track per rule and layer, under these names
+    assert sorted(state["tracks"]) == ["dead:a", "exploding", "nonfinite", "update_ratio", "vanishing"]
+    nc = HealthDetector(progress_min_steps=0)
+    _curve(nc, [2.0] * 4)
+    assert list(nc.state_dict()["tracks"]) == ["not_converging"]
     assert state["findings"] == [f.as_dict() for f in d.findings] and state["findings"][0]["kind"] == "dead_relu"
     e = HealthDetector(patience=2, min_window_steps=10)
     e.load_state_dict(state)
