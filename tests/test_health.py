@@ -224,6 +224,21 @@ def test_vanishing_ratio_is_strict_and_relative_to_the_output_half_median():
     assert HealthDetector(patience=1).update(0, [_row(f"l{i}", n) for i, n in enumerate(tail_small)], 1.0) == []
 
 
+def test_vanishing_depth_on_small_and_odd_stacks():
+    (f,) = HealthDetector(patience=1).update(0, [_row(f"l{i}", n) for i, n in enumerate([1e-6, 1e-6, 1.0])], 1.0)
+    assert "collapses at depth 2 of 3" in f.message  # the output-side half of 3 layers is the last one
+    # the collapse stops where the output-side half starts, even if a layer there is tiny too
+    norms = [1e-6] * 4 + [1e-9, 1.0, 1.0, 1.0]
+    (f,) = HealthDetector(patience=1).update(0, [_row(f"l{i}", n) for i, n in enumerate(norms)], 1.0)
+    assert f.layer == "l3" and "collapses at depth 4 of 8" in f.message
+    # 13 layers: a quarter is 4 (rounded up), so 3 collapsed input layers are not enough
+    norms = [1e-6] * 3 + [1.0] * 10
+    assert HealthDetector(patience=1).update(0, [_row(f"l{i}", n) for i, n in enumerate(norms)], 1.0) == []
+    norms = [1e-6] * 4 + [1.0] * 9
+    assert _kinds(HealthDetector(patience=1).update(0, [_row(f"l{i}", n) for i, n in enumerate(norms)], 1.0)) == \
+        ["vanishing"]
+
+
 def test_vanishing_everywhere_below_the_absolute_norm():
     d = HealthDetector(patience=1)
     (f,) = d.update(2, [_row("a", 5e-8), _row("n", 1.0, weighted=False), _row("b", 2e-8)], 1.0)
@@ -279,6 +294,28 @@ def test_exploding_by_growth_of_the_total_norm():
     assert [_kinds(broken.update(s, rows, t)) for s, t in enumerate([1.0, 10.0, 10.0, 100.0, 1000.0, 1e4])] == \
         [[], [], [], [], [], ["exploding"]]
     assert broken.state_dict()["growth_streak"] == 3 and broken.state_dict()["last_total"] == 1e4
+
+
+def test_growth_streak_survives_a_nonfinite_total_and_names_its_cause():
+    d = HealthDetector(patience=2, growth_factor=10.0)
+    rows = [_row("a", 1.0)]
+    got = [_kinds(d.update(s, rows, t)) for s, t in enumerate([1.0, 10.0, INF, 100.0, 1000.0])]
+    # the infinite total is skipped: 100 still counts as ×10 over 10
+    assert got == [[], [], [], [], ["exploding"]] and d.state_dict()["last_total"] == 1000.0
+    # a layer exactly at exploding_norm is not above it: the growth is named as the cause
+    d = HealthDetector(patience=2, growth_factor=10.0)
+    for s, t in enumerate([1.0, 10.0, 100.0, 1000.0]):
+        d.update(s, [_row("a", 1000.0)], t)
+    (f,) = d.findings
+    assert "total gradient norm grew ×10 or more on 2 logging steps in a row" in f.message
+
+
+def test_exploding_message_shows_the_last_three_totals_and_this_one():
+    d = HealthDetector(patience=2)
+    for s, (norm, total) in enumerate([(1.0, 1.0), (1.0, 2.0), (1.0, 3.0), (1.0, 4.0), (2000.0, 2000.0), (2000.0, 2000.0)]):
+        d.update(s, [_row("a", norm)], total)
+    (f,) = d.findings
+    assert "(total norm 3 → 4 → 2e+03 → 2e+03 over the last logging steps)" in f.message
 
 
 def test_growth_needs_a_positive_finite_previous_total():
@@ -422,6 +459,18 @@ def test_plateau_bounds():
     values = [2.0 * 0.97**i for i in range(15)] + [2.0 * 0.97**14 * 0.88] * 6
     assert [(f.kind, f.step) for f in _curve(HealthDetector(), values[:20])] == []
     assert [(f.kind, f.step) for f in _curve(HealthDetector(), values)] == [("plateau", 200)]
+    # judged as soon as there are 2·q windows
+    values = [2.0, 1.5, 1.4, 1.3, 1.3, 1.3, 1.3, 1.3, 1.3]
+    assert [(f.kind, f.step) for f in _curve(HealthDetector(progress_min_steps=0), values)] == [("plateau", 70)]
+    # the recent best is the last q windows' (a negative log-likelihood can go below 0 before them)
+    values = [2.0, 1.9, 1.8, 1.7, -1.0, 1.5, 1.5, 1.5, 1.5]
+    assert [(f.kind, f.step) for f in _curve(HealthDetector(progress_min_steps=0), values)] == [("plateau", 80)]
+    # a first window at or below 0 gives no relative scale: no plateau
+    assert _curve(HealthDetector(progress_min_steps=0), [0.0, -1.0] + [0.5] * 9) == []
+    # small losses too
+    assert _kinds(_curve(HealthDetector(), [0.25 * v for v in [2.0, 1.6, 1.4, 1.3, 1.25, 1.2] + [1.19] * 6])) == ["plateau"]
+    # a best window exactly 10% below the first is not "fell"
+    assert _curve(HealthDetector(), [2.0, 1.8] + [1.9] * 10) == []
     # exactly 10% better than before is enough
     values = [2.0, 1.5] + [1.25] * 6 + [1.125] * 4
     assert _kinds(_curve(HealthDetector(), values)) == []
@@ -560,6 +609,12 @@ def test_state_dict_round_trip_continues_exactly():
     nc = HealthDetector(progress_min_steps=0)
     _curve(nc, [2.0] * 4)
     assert list(nc.state_dict()["tracks"]) == ["not_converging"]
+    pl = HealthDetector()
+    _curve(pl, [2.0, 1.6, 1.4, 1.3, 1.25, 1.2] + [1.19] * 6)
+    assert list(pl.state_dict()["tracks"]) == ["plateau"]
+    osc = HealthDetector()
+    _curve(osc, [2.0] + [1.0, 1.4] * 5 + [1.0])
+    assert list(osc.state_dict()["tracks"]) == ["oscillation"]
     assert state["findings"] == [f.as_dict() for f in d.findings] and state["findings"][0]["kind"] == "dead_relu"
     e = HealthDetector(patience=2, min_window_steps=10)
     e.load_state_dict(state)
