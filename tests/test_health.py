@@ -34,6 +34,15 @@ def test_patience_then_quiet_until_clear_for_patience_steps_then_rearmed():
     assert fired == [False, True, False, False, False, False, False, False, True]
 
 
+def test_one_clear_step_does_not_rearm_a_patience_of_two():
+    d = HealthDetector(patience=2)
+    seq = [0.6, 0.6, 0.4, 0.6, 0.6]
+    assert [bool(d.update(s, [_row("r", 1.0, dead_frac=v)], 1.0)) for s, v in enumerate(seq)] == [False, True] + [False] * 3
+    d.update(5, [_row("r", 1.0, dead_frac=0.1)], 1.0)
+    d.update(6, [_row("r", 1.0, dead_frac=0.1)], 1.0)
+    assert d.state_dict()["tracks"]["dead:r"] == {"streak": 0, "clear": 2, "fired": False}  # re-armed
+
+
 def test_patience_one_fires_on_the_first_step():
     d = HealthDetector(patience=1)
     assert _kinds(d.update(0, [_row("r", 1.0, dead_frac=0.9)], 1.0)) == ["dead_relu"]
@@ -65,8 +74,8 @@ def test_activation_rules_are_per_layer():
     out = d.update(0, rows, 1.0)
     assert [(f.kind, f.layer) for f in out] == [("dead_relu", "a"), ("saturation", "b")]
     # still dead and saturated: already reported; layer c is new and reported on its own
-    out = d.update(1, rows + [_row("c", 1.0, dead_frac=0.9)], 1.0)
-    assert [(f.kind, f.layer) for f in out] == [("dead_relu", "c")]
+    out = d.update(1, rows + [_row("c", 1.0, dead_frac=0.9, saturated_frac=0.9)], 1.0)
+    assert [(f.kind, f.layer) for f in out] == [("dead_relu", "c"), ("saturation", "c")]
 
 
 # ----------------------------------------------------------------------------------------- non-finite
