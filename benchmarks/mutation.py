@@ -51,7 +51,7 @@ RUNNERS = {
     "stats": ["tests/test_properties.py", "tests/test_stats.py", "tests/test_distributed.py"],
     "health": ["tests/test_diagnosis.py", "tests/test_health.py",
                "-k", "not fit and not trainer and not zoo and not architectures and not hugging and not players "
-               "and not net_gets and not summary_says"],
+               "and not net_gets and not summary_says and not two_optimizers"],
 }
 EQUIVALENT_FILE = ROOT / "benchmarks" / "mutation_equivalent.txt"
 HEADER = f"| {'module':<26} | mutants | killed | timeout | survived | no tests | equivalent | score |"
