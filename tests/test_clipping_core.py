@@ -206,3 +206,43 @@ def test_percentile_clipper_given_norm_inf_norm_and_kept_nonfinite():
     _norm_step(kept, 1.0)
     assert _norm_step(kept, INF, keep_nonfinite=True)[2] == INF
     assert torch.isnan(torch.tensor(_norm_step(kept, INF)[2]))
+
+
+def test_zscore_clipper_arguments_defaults_and_state():
+    from lightning_gradguard.clipping import ZScoreClipper
+
+    z = ZScoreClipper()
+    assert (z.ema_decay, z.z_thresh, z.max_grad_norm, z.eps, z.warmup_steps, z.clip_option, z.clip_factor,
+            z.skip_update_on_spike) == (0.97, 2.5, 1.0, 1e-6, 25, "adaptive_scaling", 1.0, False)
+    with pytest.raises(ValueError, match=r"^ZScoreClipper: clip_option='median' is not one of: adaptive_scaling, mean$"):
+        ZScoreClipper(clip_option="median")
+    with pytest.raises(ValueError, match=r"^ZScoreClipper: warmup_steps=0 must be an integer >= 1$"):
+        ZScoreClipper(warmup_steps=0)
+    ZScoreClipper(warmup_steps=1, clip_option="mean")
+    c = ZScoreClipper(warmup_steps=3, max_grad_norm=None)
+    outs = [_norm_step(c, v) for v in (1.0, 2.0, 3.0)]
+    assert [o[1] for o in outs] == [INF, INF, INF] and [o[2] for o in outs] == [1.0, 2.0, 3.0]  # no cap: untouched
+    assert bool(c.initialized) and c.mean.item() == pytest.approx(2.0) and c.var.item() == pytest.approx(2 / 3)
+    state = c.state_dict()
+    assert state["count"] == 3 and isinstance(state["count"], int) and state["buffer"].tolist() == [1.0, 2.0, 3.0]
+    d = ZScoreClipper(warmup_steps=3, max_grad_norm=None)
+    d.load_state_dict(state)
+    assert _norm_step(d, 10.0) == _norm_step(c, 10.0)  # a spike, clipped alike after the restore
+    assert torch.equal(d.mean, c.mean) and torch.equal(d.var, c.var) and int(d.count) == int(c.count) == 3
+    with pytest.raises(ValueError, match=r"^ZScoreClipper: the checkpoint's warm-up buffer holds 3 norms, this clipper "
+                                         r"has warmup_steps=4; resume with the same warmup_steps$"):
+        ZScoreClipper(warmup_steps=4).load_state_dict(state)
+
+
+def test_zscore_clipper_warmup_cap_nonfinite_and_given_norm():
+    from lightning_gradguard.clipping import ZScoreClipper
+
+    z = ZScoreClipper(warmup_steps=2, max_grad_norm=1.5)
+    b, thr, g = _norm_step(z, 3.0)  # warm-up: clipped at the cap like clip_grad_norm_
+    assert (b, thr) == (3.0, 1.5) and g == pytest.approx(3.0 * 1.5 / (3.0 + 1e-6))
+    b, thr, g = _norm_step(z, NAN)  # not recorded, gradients left to the caller's policy
+    assert thr == INF and int(z.count) == 1 and torch.isnan(torch.tensor(g))
+    _norm_step(z, 1.0)
+    assert bool(z.initialized) and z.mean.item() == pytest.approx(2.0)
+    b, thr, g = _norm_step(z, 0.5, total_norm=torch.tensor(0.25))  # the given norm is the one judged
+    assert b == 0.25 and thr == 0.25 and g == 0.5
