@@ -81,6 +81,10 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     assert all(distributed.is_dtensor(p) for p in params) and distributed.count_weights(params).tolist() == [1.0] * 4
     assert torch.allclose(global_norm(params), global_norm(list(plain.parameters())))
     assert torch.allclose(grad_statistics(layer_groups(sharded)), grad_statistics(layer_groups(plain)))
+    shared_sq = torch.stack([distributed.local(p.grad).pow(2).sum() for p in params])  # as the monitor shares them
+    assert torch.allclose(global_norm(params, tensor_sq=shared_sq), global_norm(list(plain.parameters())))
+    inf_groups = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
+    assert torch.equal(clip_by_norm_per_group_(inf_groups(sharded), 1e9, "inf"), clip_by_norm_per_group_(inf_groups(plain), 1e9, "inf"))
     groups = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
     norms_sharded = clip_by_norm_per_group_(groups(sharded), 0.5)
     assert torch.allclose(norms_sharded, clip_by_norm_per_group_(groups(plain), 0.5)) and (norms_sharded > 0.5).all()
