@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
 from lightning_gradguard.stats import (
-    INPLACE_MIN, MIN_CHUNK, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
+    BLOCK, INPLACE_MIN, MIN_CHUNK, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
     activation_statistics_batch, grad_moments, grad_statistics, grad_statistics_from, histogram, layer_groups,
     shared_activations, snapshot, to_host, unit_dim_for, update_ratios, update_ratios_from, update_sq, weight_norms,
     weight_sq,
@@ -363,3 +363,188 @@ def test_shared_activations_and_hook_targets():
     assert activation_hook_target(LayerGroup("y", nn.Linear(2, 2), [], "y"), modules)[1] is None
     assert unit_dim_for(nn.Conv2d(1, 1, 1)) == 1 and unit_dim_for(nn.ConvTranspose1d(1, 1, 1)) == 1
     assert unit_dim_for(nn.Linear(1, 1)) == -1
+
+
+# ----------------------------------------------------------------------------------------- more paths
+def _uniform(n, numel, dtype=torch.float32):
+    return [_group(f"g{i}", (numel,), dtype=dtype, seed=i) for i in range(n)]
+
+
+def test_packed_buffer_respects_the_memory_bound_and_the_chunk_count():
+    """The documented bound: the packed buffer holds at most max(memory_fraction × gradient elements, MIN_CHUNK)
+    elements (rounded up to a row), and the gradients are packed greedily into as few chunks as fit."""
+    assert (BLOCK, MIN_CHUNK) == (128, 4096)
+    groups = _uniform(60, 200)  # 12000 elements, 2 rows (256 slots) each
+    for fraction, per_chunk in [(0.01, 16), (0.51, 24), (0.5, 23)]:
+        plan = _check(groups, memory_fraction=fraction)
+        (bucket,) = plan._buckets
+        bound = -(-max(MIN_CHUNK, int(fraction * 12000)) // BLOCK) * BLOCK
+        sizes = [len(c[0]) for c in bucket.chunks]
+        assert sizes == [per_chunk] * (60 // per_chunk) + ([60 % per_chunk] if 60 % per_chunk else []), fraction
+        assert bucket.buffer.numel() == per_chunk * 256 <= bound
+    only_large = [_group("big", (INPLACE_MIN,))]
+    plan = _check(only_large)
+    assert plan._buckets[0].buffer.numel() == 0 and plan._buckets[0].chunks == []
+
+
+def test_gradients_filling_whole_rows_stay_on_their_own_layers():
+    for memory_fraction in (1.0, 0.01):  # one chunk, and several
+        groups = _uniform(40, 256) + [_group("row", (128,), seed=99)]
+        _check(groups, memory_fraction=memory_fraction)
+
+
+def test_large_half_precision_gradients_are_summed_in_float32():
+    side = int(INPLACE_MIN**0.5) + 1
+    groups = [_group("bf16", (side, side), dtype=torch.bfloat16), _group("small", (3,), dtype=torch.bfloat16, seed=1)]
+    with torch.no_grad():
+        groups[0].params[0].grad.add_(3.0)  # a large common offset: a bf16 running sum would lose it
+    _check(groups)
+
+
+def test_one_gradient_and_a_fresh_plan():
+    groups = [_group("only", (5,))]
+    plan = GradStatsPlan(groups)
+    assert plan.tensor_sq is None  # nothing measured yet
+    _check(groups)
+    assert weight_sq(groups).tolist() == pytest.approx([float(groups[0].params[0].detach().pow(2).sum())])
+    single = _group("one", (1,))
+    stats = grad_statistics([single])  # one element: its mean is itself, its std 0
+    g = single.params[0].grad.item()
+    assert stats[0].tolist() == pytest.approx([abs(g), g, 0.0, abs(g), 0.0, 0.0])
+    out = to_host(torch.tensor([1.5, 2.5]))
+    assert out == [[1.5, 2.5]]
+
+
+def test_everything_stays_on_the_gradients_device():
+    """``meta`` tensors stand for an accelerator here: a result made on the CPU instead (a missing ``device=``)
+    fails to combine with them or shows up as a CPU tensor."""
+    dev = "meta"
+
+    def grp(name, *shapes):
+        params = []
+        for s in shapes:
+            p = nn.Parameter(torch.empty(*s, device=dev))
+            p.grad = torch.empty(*s, device=dev)
+            params.append(p)
+        return LayerGroup(name, nn.Identity(), params, name)
+
+    side = int(INPLACE_MIN**0.5) + 1
+    groups = [grp("a", (8, 8), (8,)), grp("b", (side, side)), grp("c", (3,))]
+    plan = GradStatsPlan(groups)
+    outs = {"moments": plan.moments(), "per_group": plan.per_group(torch.empty(4, device=dev)),
+            "plan_weight_sq": plan.weight_sq(), "grad_statistics": grad_statistics(groups), "weight_sq": weight_sq(groups),
+            "weight_norms": weight_norms(groups), "update_sq": update_sq(groups, snapshot(groups)),
+            "update_ratios": update_ratios(groups, snapshot(groups)),
+            "act": activation_statistics(torch.empty(4, 5, device=dev), "relu", -1),
+            "act_one": activation_statistics(torch.empty(1, 1, device=dev), "sigmoid", -1),
+            "act_batch": activation_statistics_batch([torch.empty(4, 5, device=dev)] * 2, "tanh", -1),
+            "act_batch_one": activation_statistics_batch([torch.empty(1, 1, device=dev)] * 2, "relu", -1)}
+    tracker = UpdateTracker(groups)
+    tracker.begin()
+    outs["tracker"] = tracker.finish()[0]
+    shapes = {"moments": [(3, 5), (3,)], "per_group": [(3,)], "plan_weight_sq": [(3,)], "grad_statistics": [(3, 6)],
+              "weight_sq": [(3,)], "weight_norms": [(3,)], "update_sq": [(2, 3)], "update_ratios": [(3,)], "act": [(4,)],
+              "act_one": [(4,)], "act_batch": [(2, 4)], "act_batch_one": [(2, 4)], "tracker": [(2, 3)]}
+    for name, out in outs.items():
+        out = list(out) if isinstance(out, tuple) else [out]
+        assert [(o.device.type, tuple(o.shape)) for o in out] == [("meta", s) for s in shapes[name]], name
+    cpu_plan = GradStatsPlan([_group("x", (2,)), _group("y", (3,), seed=1)])
+    assert cpu_plan.per_group(torch.tensor([1.0, 2.0])).device.type == "cpu"
+    assert cpu_plan.per_group(torch.empty(2, device=dev)).device.type == "meta"  # the index follows the device
+    assert cpu_plan.per_group(torch.tensor([1.0, 2.0], dtype=torch.float64)).dtype == torch.float64
+
+
+def test_update_tracker_reports_bool_measured_and_a_two_row_result():
+    tracker = UpdateTracker([_group("a", (3,)), _group("b", (2,), seed=1)])
+    sq, measured = tracker.finish()
+    assert sq.shape == (2, 2) and measured.dtype == torch.bool
+    tracker.begin()
+    sq, measured = tracker.finish()
+    assert sq.shape == (2, 2) and measured.dtype == torch.bool and measured.tolist() == [True, True]
+
+
+def test_activation_statistics_on_two_values_and_any_unit_dim():
+    two = torch.tensor([[1.0, 4.0]])
+    assert activation_statistics(two, "tanh", -1)[1].item() == pytest.approx(3.0 / 2**0.5)
+    assert activation_statistics_batch([two, two], "tanh", -1)[:, 1].tolist() == pytest.approx([3.0 / 2**0.5] * 2)
+    torch.manual_seed(1)
+    outs = [torch.relu(torch.randn(3, 4, 5)) for _ in range(2)]
+    outs[0][1] = 0.0  # along dim 0 a whole slice is dead
+    for unit_dim in (0, 1, 2, -1):
+        torch.testing.assert_close(activation_statistics_batch(outs, "relu", unit_dim),
+                                   torch.stack([activation_statistics(o, "relu", unit_dim) for o in outs]))
+    sig = torch.tensor([[0.25, 0.5, 0.75, 0.9, 0.1, 0.3]])  # values exactly at bound ± eps count
+    assert activation_statistics_batch([sig], "sigmoid", -1, eps=0.25)[0, 3].item() == pytest.approx(4 / 6)
+
+
+def test_histogram_of_a_narrow_range():
+    assert histogram(torch.tensor([0.0, 0.1, 0.2, 0.3]), bins=2)[5:].tolist() == [2.0, 2.0]
+
+
+def test_labels_tied_holders_and_grouping_details():
+    assert LayerGroup("x", nn.Identity(), [], "Linear 2→2", activation="linear").label() == "layer `x` (Linear 2→2)"
+    assert LayerGroup("x", nn.Identity(), [], "Linear 2→2", activation="unknown").label() == "layer `x` (Linear 2→2)"
+    assert LayerGroup("x", nn.Identity(), [], "E", shared_with=["a", "b"]).label() == "layer `x` (E, tied with a, b)"
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z_proj, self.a_head, self.emb = nn.Linear(8, 8), nn.Linear(8, 20, bias=False), nn.Embedding(20, 8)
+            self.a_head.weight = self.emb.weight
+            self.z_in, self.a_out = nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+            self.a_out.weight = self.z_in.weight
+            self.after = nn.Linear(8, 8)
+
+        def forward(self, x, ids):
+            h = self.a_head(self.z_proj(x)).sum() + self.emb(ids).sum()
+            return self.after(self.a_out(self.z_in(x))).sum() + h
+
+    net = HeadFirst()
+    groups = layer_groups(net, sample_input=(torch.randn(2, 8), torch.tensor([1, 2])))
+    by = {g.name: g for g in groups}
+    # an embedding owns its tied weight even when the projection runs first; otherwise the first in forward order
+    assert by["emb"].shared_with == ["a_head"] and "a_head" not in by
+    assert by["z_in"].shared_with == ["a_out"] and "a_out" not in by
+    assert "after" in by  # modules after a fully tied one are still grouped
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.fc = nn.Linear(2, 2)
+            self.frozen = nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.frozen(self.act(self.fc(x))) * self.scale
+
+    net = Root()
+    per = {g.name: g for g in layer_groups(net, per_parameter=True)}
+    assert set(per) == {"scale", "fc.weight", "fc.bias", "frozen"}
+    w = per["fc.weight"]
+    assert (w.module, w.params, w.description, w.activation, w.activation_at, w.frozen, w.info.name) == (
+        net.fc, [net.fc.weight], "Linear 2→2", "relu", "act", False, "fc")
+    f = per["frozen"]
+    assert (f.module, f.params, f.description, f.activation, f.frozen, f.info.name, f.shared_with) == (
+        net.frozen, [], "Linear 2→2", "linear", True, "frozen", [])
+    net.scale.requires_grad_(False)
+    root = layer_groups(net)[0]
+    assert (root.name, root.frozen, root.params, root.info) == ("(root)", True, [], None)
+
+
+def test_untraced_models_are_grouped_with_the_sample_input_and_odd_groups_are_tolerated():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = x * 1.0
+            return self.b(torch.tanh(self.a(x)))
+
+    groups = layer_groups(Untraceable(), sample_input=torch.randn(3, 4))
+    assert [(g.name, g.activation) for g in groups] == [("a", "tanh"), ("b", "linear")]
+    loose = [LayerGroup("x", nn.Identity(), [], "x", activation_at="act"), LayerGroup("y", nn.Identity(), [], "y")]
+    assert shared_activations(loose) == set()  # a group without layer info is not counted
