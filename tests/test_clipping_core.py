@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.clipping import (
-    PercentileClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
+    PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_norm_per_group_, clip_by_value_,
     global_norm, masked_slot_write_, unitwise_norm,
 )
 
@@ -209,8 +209,6 @@ def test_percentile_clipper_given_norm_inf_norm_and_kept_nonfinite():
 
 
 def test_zscore_clipper_arguments_defaults_and_state():
-    from lightning_gradguard.clipping import ZScoreClipper
-
     z = ZScoreClipper()
     assert (z.ema_decay, z.z_thresh, z.max_grad_norm, z.eps, z.warmup_steps, z.clip_option, z.clip_factor,
             z.skip_update_on_spike) == (0.97, 2.5, 1.0, 1e-6, 25, "adaptive_scaling", 1.0, False)
@@ -235,8 +233,6 @@ def test_zscore_clipper_arguments_defaults_and_state():
 
 
 def test_zscore_clipper_warmup_cap_nonfinite_and_given_norm():
-    from lightning_gradguard.clipping import ZScoreClipper
-
     z = ZScoreClipper(warmup_steps=2, max_grad_norm=1.5)
     b, thr, g = _norm_step(z, 3.0)  # warm-up: clipped at the cap like clip_grad_norm_
     assert (b, thr) == (3.0, 1.5) and g == pytest.approx(3.0 * 1.5 / (3.0 + 1e-6))
@@ -246,3 +242,64 @@ def test_zscore_clipper_warmup_cap_nonfinite_and_given_norm():
     assert bool(z.initialized) and z.mean.item() == pytest.approx(2.0)
     b, thr, g = _norm_step(z, 0.5, total_norm=torch.tensor(0.25))  # the given norm is the one judged
     assert b == 0.25 and thr == 0.25 and g == 0.5
+
+
+def _meta_params(*shapes):
+    out = []
+    for s in shapes:
+        p = nn.Parameter(torch.empty(*s, device="meta"))
+        p.grad = torch.empty(*s, device="meta")
+        out.append(p)
+    return out
+
+
+def test_clipping_stays_on_the_gradients_device():
+    """``meta`` tensors stand for an accelerator: a tensor made on the CPU instead (a missing ``device=``) fails
+    to combine with them or shows up as a CPU tensor; the clippers' state moves to the gradients' device."""
+    params = _meta_params((4, 3), (4,))
+    assert global_norm(params).device.type == "meta" and global_norm(params, "inf").device.type == "meta"
+    assert global_norm(params, tensor_sq=torch.empty(2, device="meta")).device.type == "meta"
+    assert clip_by_norm_(params, 1.0).device.type == "meta" and clip_by_norm_(params, 1.0, keep_nonfinite=True).device.type == "meta"
+    cpu_groups = [_params([1.0], [2.0]), _params([3.0])]
+    clip_by_norm_per_group_(cpu_groups, 1.0)  # the same group sizes on the CPU first: the cached index is per device
+    for norm in (2.0, "inf"):
+        assert clip_by_norm_per_group_([_meta_params((3,), (2,)), _meta_params((5,))], 1.0, norm).device.type == "meta"
+    assert clip_by_norm_per_group_([_meta_params((3,))], 1.0).shape == (1,)
+    clip_by_value_(params, 1.0)
+    adaptive_clip_(params, 0.01)
+    pct = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=1)
+    pct.clip_(_params([3.0]))  # first on the CPU, then the gradients move to the device
+    before, thr = pct.clip_(_meta_params((4,)))
+    assert {t.device.type for t in (before, thr, pct.history, pct.count, pct._arange, pct._fallback)} == {"meta"}
+    assert pct.threshold().device.type == "meta"
+    pct.load_state_dict(PercentileClipper(percentile=50.0, history_size=4, warmup_steps=1).state_dict())
+    assert pct.history.device.type == "meta" and pct.count.device.type == "meta"
+    pct.clip_(_meta_params((4,)))
+    z = ZScoreClipper(warmup_steps=2)
+    z.clip_(_params([3.0]))
+    before, target = z.clip_(_meta_params((4,)))
+    assert {t.device.type for t in (before, target, z.mean, z.var, z.buffer, z.count)} == {"meta"}
+    assert (z.mean.dtype, z.var.dtype, z.buffer.dtype) == (torch.float64,) * 3
+    z.load_state_dict(ZScoreClipper(warmup_steps=2).state_dict())
+    assert {t.device.type for t in (z.mean, z.var, z.buffer, z.count)} == {"meta"}
+    z.clip_(_meta_params((4,)))
+
+
+def test_agc_bound_below_the_norm_floor_and_vector_norm_shape():
+    # bound λ·eps = 2^-24 below the 1e-6 floor of the divisor: a gradient norm exactly at the bound is not clipped
+    w = nn.Parameter(torch.zeros(1, 1))
+    w.grad = torch.full((1, 1), 2.0**-24)
+    adaptive_clip_([w], clip_factor=2.0**-14, eps=2.0**-10)
+    assert w.grad.item() == 2.0**-24
+    assert unitwise_norm(torch.tensor([3.0, 4.0])).shape == ()  # one value for a vector
+
+
+def test_per_group_coefficient_is_exactly_torchs_and_a_given_norm_drives_the_percentile_clip():
+    a = _params([3.0], [4.0])
+    clip_by_norm_per_group_([a], 1.0)
+    coef = torch.clamp(torch.tensor(1.0) / (torch.tensor(5.0) + 1e-6), max=1.0)
+    assert a[0].grad.item() == (3.0 * coef).item() and a[1].grad.item() == (4.0 * coef).item()
+    c = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=0)
+    _norm_step(c, 6.0)
+    b, thr, g = _norm_step(c, 3.0, total_norm=torch.tensor(10.0))  # median of 6 and 10; the given 10 is scaled to 8
+    assert (b, thr) == (10.0, 8.0) and g == pytest.approx(3.0 * 8.0 / (10.0 + 1e-6))

@@ -70,7 +70,8 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     plain = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     plain(torch.randn(4, 6)).pow(2).sum().mul(50).backward()
     sharded = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    placements = {"0.weight": Shard(1), "0.bias": Shard(0), "2.weight": Shard(0), "2.bias": Replicate()}
+    # columns (gathered), rows (whole units), and two 1-d shards (norms from the shards' squares, in one go)
+    placements = {"0.weight": Shard(1), "0.bias": Shard(0), "2.weight": Shard(0), "2.bias": Shard(0)}
     for name, p in sharded.named_parameters():
         src = dict(plain.named_parameters())[name]
         d = torch.nn.Parameter(distribute_tensor(src.detach().clone(), one_rank_mesh, [placements[name]]))
