@@ -528,6 +528,14 @@ def test_oscillation_needs_six_windows_and_the_rate():
     assert [(f.step, f.value) for f in got] == [(110, 2.0)]
 
 
+def test_oscillation_counts_the_last_twelve_windows():
+    # 13 windows judged once (at step 120): the swing from window 1 to 2 is outside the last 12; the two after it
+    # are below the 3 that 12 windows need
+    values = [2.0, 2.0, 1.0, 1.5, 1.0, 1.5] + [1.0] * 7
+    assert HealthDetector()._swings(values, 2.0) == 3 and HealthDetector()._swings(values[-12:], 2.0) == 2
+    assert _curve(HealthDetector(progress_min_steps=120), values) == []
+
+
 def test_loss_windows_are_pooled_to_min_window_steps():
     d = HealthDetector(min_window_steps=10)
     assert d.update_loss(1, 4.0, steps=4) == [] and d.state_dict()["losses"] == []

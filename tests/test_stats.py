@@ -548,3 +548,11 @@ def test_untraced_models_are_grouped_with_the_sample_input_and_odd_groups_are_to
     assert [(g.name, g.activation) for g in groups] == [("a", "tanh"), ("b", "linear")]
     loose = [LayerGroup("x", nn.Identity(), [], "x", activation_at="act"), LayerGroup("y", nn.Identity(), [], "y")]
     assert shared_activations(loose) == set()  # a group without layer info is not counted
+
+
+def test_empty_gradients_alone_and_before_a_chunk_break_and_a_plan_without_parameters():
+    _check([_group("e", (0,))])
+    _check([_group("e", (0,)), _group("s", (10000,), seed=1), _group("t", (7,), seed=2)], memory_fraction=0.01)
+    plan = GradStatsPlan([LayerGroup("frozen", nn.Identity(), [], "frozen", frozen=True)])
+    assert plan.per_group(torch.empty(0)).tolist() == [0.0]
+    assert [t.tolist() for t in plan.moments()] == [[[0.0] * 5], [0.0]]
