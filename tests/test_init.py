@@ -719,3 +719,15 @@ def test_lsuv_arguments_reach_the_rescaling():
     assert rec.note.endswith("after 2 rescale(s)")
     with pytest.raises(ValueError, match=r"^initialize: scheme='lsuv' needs sample_input \(a training batch\)$"):
         initialize(net, "lsuv")
+
+
+def test_strict_lists_the_layers_and_a_trained_child_does_not_keep_its_parent():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"matches no weighted layer; layers are: 0, 2, 4$"):
+        initialize(net, "auto", exclude=["head"], strict=True)
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"att": nn.MultiheadAttention(32, 4)})
+    with torch.no_grad():
+        holder.att.out_proj.weight.add_(0.3 * torch.randn(32, 1) @ torch.randn(1, 32))  # looks trained
+    kept = kept_layers(holder, find_layers(holder, method="modules"))
+    assert list(kept) == ["att.out_proj"]  # the attention's own projections are fresh
