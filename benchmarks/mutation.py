@@ -130,7 +130,10 @@ def count(module: str, results: str) -> tuple[dict[str, int], list[str]]:
     return counts, survivors
 
 
-def run(module: str, max_children: int, keep: Path | None, rerun: bool = False) -> tuple[dict[str, int], list[str]]:
+def run(module: str, max_children: int, keep: Path | None, rerun: bool = False,
+        results_only: bool = False) -> tuple[dict[str, int], list[str]]:
+    if keep is not None and results_only:  # count what the runs in this folder found, run nothing
+        return count(module, mutmut(keep, "results", "--all", "true", capture=True))
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         prepare(module, keep)
@@ -164,6 +167,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run in this folder (one per module: DIR/<module>) and keep it")
     parser.add_argument("--rerun", action="store_true",
                         help="with --keep: run again only the mutants not killed last time (after adding tests)")
+    parser.add_argument("--results-only", action="store_true",
+                        help="with --keep: only count the results of the runs already made in that folder")
     parser.add_argument("--write-readme", action="store_true", help="write the table into README block `mutation`")
     args = parser.parse_args()
     print(HEADER)
@@ -171,7 +176,8 @@ def main() -> None:
     rows = {}
     for module in args.modules:
         start = time.perf_counter()
-        c, survivors = run(module, args.max_children, args.keep / module if args.keep else None, args.rerun)
+        c, survivors = run(module, args.max_children, args.keep / module if args.keep else None, args.rerun,
+                           args.results_only)
         rows[module] = row(module, c)
         print(rows[module], flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
