@@ -54,7 +54,7 @@ RUNNERS = {
                "and not net_gets and not summary_says and not two_optimizers"],
 }
 EQUIVALENT_FILE = ROOT / "benchmarks" / "mutation_equivalent.txt"
-HEADER = f"| {'module':<26} | mutants | killed | timeout | survived | no tests | equivalent | score |"
+HEADER = f"| {'module':<31} | mutants | killed | timeout | survived | no tests | equivalent | score |"
 
 
 def equivalent() -> dict[str, str]:
@@ -156,7 +156,7 @@ def row(module: str, c: dict[str, int]) -> str:
     total = sum(c.values())
     caught = c["killed"] + c["timeout"]  # a mutant that hangs the tests is caught too
     denom = max(1, total - c["equivalent"])
-    return (f"| {'lightning_gradguard/' + module + '.py':<26} | {total:>7} | {c['killed']:>6} | {c['timeout']:>7} | "
+    return (f"| {'lightning_gradguard/' + module + '.py':<31} | {total:>7} | {c['killed']:>6} | {c['timeout']:>7} | "
             f"{c['survived'] + c['other']:>8} | {c['no tests']:>8} | {c['equivalent']:>10} | {caught / denom:>5.1%} |")
 
 
