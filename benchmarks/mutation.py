@@ -192,8 +192,8 @@ def main() -> None:
         old.update(rows)
         body = [HEADER, "|" + "|".join("-" * len(c) for c in HEADER.split("|")[1:-1]) + "|"]
         body += [old[m] for m in sorted(old)]
-        how = (f" (this row: `{' '.join(sys.argv[1:])}`, the survivors of a full run in that folder run again against "
-               f"the final tests)") if args.rerun else ""
+        how = (" with `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
+               "final tests)") if args.rerun else ""
         body.append(f"\n`python benchmarks/mutation.py {' '.join(sorted(old))} --write-readme`{how}; mutmut 3, "
                     f"{dt.date.today().isoformat()}, 2-core machine; score = (killed + timeout) / (mutants − equivalent); "
                     f"the mutants not killed are printed by the script")
