@@ -192,8 +192,13 @@ def main() -> None:
         old.update(rows)
         body = [HEADER, "|" + "|".join("-" * len(c) for c in HEADER.split("|")[1:-1]) + "|"]
         body += [old[m] for m in sorted(old)]
-        how = (" with `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
-               "final tests)") if args.rerun else ""
+        how = ""
+        if args.rerun:
+            how = (" with `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
+                   "final tests)")
+        elif args.results_only:
+            how = (" with `--keep DIR`, then `--rerun` after adding tests, counted with `--results-only` (the code of the "
+                   "four modules unchanged since; tests added after a module's last run are not in its row)")
         body.append(f"\n`python benchmarks/mutation.py {' '.join(sorted(old))} --write-readme`{how}; mutmut 3, "
                     f"{dt.date.today().isoformat()}, 2-core machine; score = (killed + timeout) / (mutants − equivalent); "
                     f"the mutants not killed are printed by the script")
