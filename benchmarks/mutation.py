@@ -197,8 +197,9 @@ def main() -> None:
             how = (" with `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
                    "final tests)")
         elif args.results_only:
-            how = (" with `--keep DIR`, then `--rerun` after adding tests, counted with `--results-only` (the code of the "
-                   "four modules unchanged since; tests added after a module's last run are not in its row)")
+            how = (": a full run per module with `--keep DIR`, its survivors run again with `--rerun` after tests were "
+                   "added, then counted with `--keep DIR --results-only` (the modules' code unchanged since their full "
+                   "runs)")
         body.append(f"\n`python benchmarks/mutation.py {' '.join(sorted(old))} --write-readme`{how}; mutmut 3, "
                     f"{dt.date.today().isoformat()}, 2-core machine; score = (killed + timeout) / (mutants − equivalent); "
                     f"the mutants not killed are printed by the script")
