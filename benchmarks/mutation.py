@@ -194,13 +194,16 @@ def main() -> None:
         body += [old[m] for m in sorted(old)]
         how = ""
         if args.rerun:
-            how = (" with `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
+            how = (": `--keep DIR --rerun` (a full run per module in DIR, then its survivors run again against the "
                    "final tests)")
         elif args.results_only:
             how = (": a full run per module with `--keep DIR`, its survivors run again with `--rerun` after tests were "
                    "added, then counted with `--keep DIR --results-only` (the modules' code unchanged since their full "
                    "runs)")
-        body.append(f"\n`python benchmarks/mutation.py {' '.join(sorted(old))} --write-readme`{how}; mutmut 3, "
+        if how:
+            how = f". These rows{how}"
+        body.append(f"\nReproduce: `python benchmarks/mutation.py {' '.join(sorted(old))} --write-readme` (a full run of "
+                    f"each module){how}; mutmut 3, "
                     f"{dt.date.today().isoformat()}, 2-core machine; score = (killed + timeout) / (mutants − equivalent); "
                     f"the mutants not killed are printed by the script")
         write_block("mutation", "\n".join(body))
