@@ -1,14 +1,26 @@
-"""Step-time overhead of GradientMonitor, measured side by side in one run.
+"""Step-time and memory overhead of GradientMonitor, measured side by side in one run.
 
-For each model (a deep MLP with many small layers, a small transformer encoder) the same training is run
-with: no monitoring; GradientMonitor logging every step; GradientMonitor at the default cadence (every
-50 steps); Lightning's own ``grad_norm`` logged from ``on_before_optimizer_step`` every 50 steps; and a
-naive per-parameter ``SummaryWriter.add_histogram`` loop every 50 steps. Variants are interleaved and
-repeated. The time per step is measured from the start of step 20 to the start of the last step (so the
-fixed costs of fit start and end, such as the end-of-fit gradient-flow picture, are not in it; they are
-printed separately), the best of the repeats is kept, and each is divided by the best of "none".
+Models: a deep MLP of many small layers (50 × 32, batch 32), a small transformer encoder (4 layers, d=64,
+batch 32) and a deep wide MLP (48 × 256, batch 128). For each, the same training runs with: no monitoring;
+GradientMonitor at the default cadence (every 50 steps, ``nonfinite_check="auto"``); Lightning's own
+``grad_norm`` logged from ``on_before_optimizer_step`` every 50 steps; GradientMonitor every step (all
+statistics: gradients, weights, update ratios, activations; histograms off); Lightning's ``grad_norm`` every
+step. Variants are interleaved and repeated; the time per step is measured from the start of step 20 to the
+start of the last step (fixed costs of fit start and end are outside it), the best of the repeats is kept, and
+each is divided by the best of "none".
 
-    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--write-readme]
+Per model it also prints:
+
+- the physical reference: one ``torch._foreach_norm`` pass over the model's gradients, in ms and as a
+  share of a plain step (what any per-step look at the gradients costs at least);
+- the statistics kernels alone (``GradStatsPlan.moments()``: every per-layer gradient statistic) against that
+  one pass, timed the same way (best of 5 × 50 calls);
+- the extra peak memory of a logging step: the peak of new allocations during step 50 (a logging step) with
+  the monitor minus the same without it, both measured by a ``TorchDispatchMode`` that follows every
+  tensor storage created during the step until it is freed, plus the monitor's persistent buffers; as a
+  share of the parameters' memory.
+
+    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--threads 1] [--write-readme]
 
 ``--write-readme`` puts the table (markdown, with the command that made it) into README.md, block
 ``monitor-overhead``.
@@ -22,6 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 
 import lightning.pytorch as pl
 import torch
@@ -29,44 +42,43 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradientMonitor
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # this checkout's package
 from benchmarks._readme import write_block  # noqa: E402
-
-LABELS = {
-    "none": "none", "monitor_every_step": "GradientMonitor, every step",
-    "monitor_default": "GradientMonitor, every 50 steps (default)",
-    "monitor_default_no_step_check": 'same, `nonfinite_check="logging_steps"`',
-    "lightning_grad_norm": "Lightning's `grad_norm`, every 50 steps",
-    "naive_histograms": "naive per-parameter `add_histogram`, every 50 steps",
-}
-TITLES = {"mlp": "MLP, 50 layers × 32", "transformer": "small transformer (4 layers, d=64)"}
+from lightning_gradguard import GradientMonitor  # noqa: E402
+from lightning_gradguard.stats import GradStatsPlan, layer_groups  # noqa: E402
 
 CADENCE = 50
+VARIANTS = ["none", "monitor_default", "lightning_grad_norm_default", "monitor_every_step", "lightning_grad_norm_every_step"]
+LABELS = {
+    "none": "none",
+    "monitor_default": "GradientMonitor, every 50 steps (default)",
+    "lightning_grad_norm_default": "Lightning's `grad_norm`, every 50 steps",
+    "monitor_every_step": "GradientMonitor, every step, all statistics",
+    "lightning_grad_norm_every_step": "Lightning's `grad_norm`, every step",
+}
+MODELS = {  # name: (title, batch size)
+    "mlp-50x32": ("MLP, 50 layers × 32, batch 32", 32),
+    "transformer": ("small transformer (4 layers, d=64), batch 32", 32),
+    "mlp-48x256": ("MLP, 48 layers × 256, batch 128", 128),
+}
 
 
 class Task(pl.LightningModule):
-    def __init__(self, net: nn.Module, extra: str = "none"):
+    def __init__(self, net: nn.Module, lightning_every: int = 0):
         super().__init__()
-        self.net, self.extra = net, extra
+        self.net, self.lightning_every = net, lightning_every
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 
     def on_before_optimizer_step(self, optimizer):
-        if self.global_step % CADENCE:
-            return
-        if self.extra == "lightning_grad_norm":
+        if self.lightning_every and self.global_step % self.lightning_every == 0:
             self.log_dict(grad_norm(self, norm_type=2))
-        elif self.extra == "naive_histograms":
-            writer = self.logger.experiment
-            for name, p in self.named_parameters():
-                if p.grad is not None:
-                    writer.add_histogram(f"naive/{name}", p.grad, self.global_step)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
@@ -84,19 +96,23 @@ class Transformer(nn.Module):
         return self.head(self.enc(self.inp(x)).mean(dim=1))
 
 
-def make(kind: str):
+def _mlp(depth: int, width: int, classes: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(width, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+def make(kind: str, n: int = 4096):
     g = torch.Generator().manual_seed(0)
-    if kind == "mlp":
-        layers: list[nn.Module] = [nn.Linear(32, 32), nn.ReLU()]
-        for _ in range(48):
-            layers += [nn.Linear(32, 32), nn.ReLU()]
-        net = nn.Sequential(*layers, nn.Linear(32, 10))
-        x = torch.randn(4096, 32, generator=g)
+    if kind == "mlp-50x32":
+        net, x = _mlp(50, 32), torch.randn(n, 32, generator=g)
+    elif kind == "mlp-48x256":
+        net, x = _mlp(48, 256), torch.randn(n, 256, generator=g)
     else:
-        net = Transformer()
-        x = torch.randn(4096, 16, 16, generator=g)
-    y = torch.randint(0, 10, (4096,), generator=g)
-    return net, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+        net, x = Transformer(), torch.randn(n, 16, 16, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return net, DataLoader(TensorDataset(x, y), batch_size=MODELS[kind][1], shuffle=False)
 
 
 class StepTimer(pl.Callback):
@@ -109,63 +125,156 @@ class StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
     def per_step(self) -> float:
-        s = self.starts[self.skip :] if len(self.starts) >= self.skip + 2 else self.starts  # short runs: all
+        s = self.starts[self.skip :] if len(self.starts) >= self.skip + 2 else self.starts
         return (s[-1] - s[0]) / max(1, len(s) - 1)
 
 
-def fit(kind: str, variant: str, steps: int) -> tuple[float, float]:
+class PeakMemory(TorchDispatchMode):
+    """Bytes of tensor storages created while active and still alive; ``peak`` is their maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+class PeakAt(pl.Callback):
+    """The peak of new allocations during one step (forward, backward, optimizer step, every callback)."""
+
+    def __init__(self, step: int):
+        self.step, self.mode, self.peak = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.mode = PeakMemory()
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.peak, self.mode = self.mode.peak, None
+
+
+def _callbacks(variant: str) -> list[pl.Callback]:
+    if variant == "monitor_every_step":
+        return [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False)]
+    if variant == "monitor_default":
+        return [GradientMonitor(log_every_n_steps=CADENCE, warn=False)]
+    return []
+
+
+def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> tuple[float, list[pl.Callback]]:
     torch.manual_seed(0)
     net, loader = make(kind)
     timer = StepTimer()
-    callbacks: list[pl.Callback] = [timer]
-    if variant == "monitor_every_step":
-        callbacks.append(GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False))
-    elif variant == "monitor_default":
-        callbacks.append(GradientMonitor(log_every_n_steps=CADENCE, warn=False))
-    elif variant == "monitor_default_no_step_check":
-        callbacks.append(GradientMonitor(log_every_n_steps=CADENCE, nonfinite_check="logging_steps", warn=False))
-    extra = variant if variant in ("lightning_grad_norm", "naive_histograms") else "none"
+    callbacks = [timer, *_callbacks(variant), *extra]
+    every = {"lightning_grad_norm_default": CADENCE, "lightning_grad_norm_every_step": 1}.get(variant, 0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp, name="b"), callbacks=callbacks,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
             log_every_n_steps=CADENCE, num_sanity_val_steps=0,
         )
+        trainer.fit(Task(net, every), train_dataloaders=loader)
+    return timer.per_step(), callbacks
+
+
+def _best_call(fn, calls: int = 50, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
         start = time.perf_counter()
-        trainer.fit(Task(net, extra), train_dataloaders=loader)
-        total = time.perf_counter() - start
-    return timer.per_step(), total
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def kernels(kind: str) -> tuple[float, float, int]:
+    """(one _foreach_norm pass, GradStatsPlan.moments(), parameter bytes) on the model's real gradients."""
+    torch.manual_seed(0)
+    net, loader = make(kind)
+    x, y = next(iter(loader))
+    F.cross_entropy(net(x), y).backward()
+    grads = [p.grad for p in net.parameters()]
+    plan = GradStatsPlan(layer_groups(net, sample_input=x))
+    norm = _best_call(lambda: torch._foreach_norm(grads, 2))
+    stats = _best_call(plan.moments)
+    return norm, stats, sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+def memory(kind: str) -> tuple[int, int]:
+    """(extra peak bytes of logging step 50 with the default monitor vs without, its persistent buffers)."""
+    peaks = {}
+    persistent = 0
+    for variant in ("none", "monitor_default"):
+        probe = PeakAt(CADENCE)
+        _, callbacks = fit(kind, variant, CADENCE + 2, [probe])
+        peaks[variant] = probe.peak or 0
+        for cb in callbacks:
+            if isinstance(cb, GradientMonitor):
+                persistent = sum(b.buffer.numel() * b.buffer.element_size() for plan in cb._plans.values() for b in plan._buckets)
+    return peaks["monitor_default"] - peaks["none"], persistent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     parser.add_argument("--write-readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args()
-    rows = []
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    variants = ["none", "monitor_every_step", "monitor_default", "monitor_default_no_step_check",
-                "lightning_grad_norm", "naive_histograms"]
+    rows, notes = [], []
     print(f"{args.steps} steps, best of {args.repeats} interleaved runs, torch threads={torch.get_num_threads()}")
-    print(f"{'model':<12} {'variant':<30} {'ms/step':>8} {'ratio':>7} {'fit s':>7}")
-    for kind in ("mlp", "transformer"):
+    print(f"{'model':<12} {'variant':<32} {'ms/step':>8} {'ratio':>7}")
+    for kind in args.models.split(","):
         fit(kind, "none", 30)  # warm-up
-        best = {v: (float("inf"), float("inf")) for v in variants}
+        best = {v: float("inf") for v in VARIANTS}
         for _ in range(args.repeats):
-            for v in variants:
-                step, total = fit(kind, v, args.steps)
-                best[v] = (min(best[v][0], step), min(best[v][1], total))
-        name = "mlp-50x32" if kind == "mlp" else "transformer"
-        for v in variants:
-            step, total = best[v]
-            print(f"{name:<12} {v:<30} {1000 * step:>8.3f} {step / best['none'][0]:>7.3f} {total:>7.2f}", flush=True)
-            rows.append(f"| {TITLES[kind] if v == 'none' else ''} | {LABELS[v]} | {1000 * step:.3f} | {step / best['none'][0]:.3f} |")
+            for v in VARIANTS:
+                best[v] = min(best[v], fit(kind, v, args.steps)[0])
+        base = best["none"]
+        for v in VARIANTS:
+            print(f"{kind:<12} {v:<32} {1000 * best[v]:>8.3f} {best[v] / base:>7.3f}", flush=True)
+            rows.append(f"| {MODELS[kind][0] if v == 'none' else ''} | {LABELS[v]} | {1000 * best[v]:.3f} | {best[v] / base:.3f} |")
+        norm, stats, param_bytes = kernels(kind)
+        extra, persistent = memory(kind)
+        note = (
+            f"{kind}: one `_foreach_norm` pass over the gradients {1000 * norm:.3f} ms = {100 * norm / base:.1f}% of a "
+            f"plain step; all gradient statistics (`GradStatsPlan.moments`) {1000 * stats:.3f} ms = "
+            f"{stats / norm:.2f}× that pass; extra peak memory of a logging step {(extra + persistent) / 1024:.1f} KiB "
+            f"= {100 * (extra + persistent) / param_bytes:.1f}% of the parameters' {param_bytes / 1024:.0f} KiB "
+            f"({extra / 1024:.1f} KiB during the step + {persistent / 1024:.1f} KiB persistent buffers)"
+        )
+        print(note, flush=True)
+        notes.append(f"- {note}")
     if args.write_readme:
-        cmd = f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats}"
+        cmd = (f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats} "
+               f"--threads {args.threads}")
         head = "| model | variant | ms/step | ratio |\n|---|---|---|---|"
-        write_block("monitor-overhead", f"`{cmd}`, torch threads={torch.get_num_threads()}:\n\n{head}\n" + "\n".join(rows))
+        write_block("monitor-overhead", f"`{cmd}` (CPU, torch threads={torch.get_num_threads()}):\n\n{head}\n"
+                    + "\n".join(rows) + "\n\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

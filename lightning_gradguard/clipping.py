@@ -52,12 +52,25 @@ def masked_slot_write_(buf: torch.Tensor, slot: torch.Tensor, write: torch.Tenso
     buf.index_copy_(0, idx, torch.where(write, value.to(buf.dtype).reshape(1), old))
 
 
-def global_norm(params: Iterable[torch.Tensor], norm_type: Union[float, str] = 2.0) -> torch.Tensor:
+def global_norm(params: Iterable[torch.Tensor], norm_type: Union[float, str] = 2.0,
+                tensor_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The p-norm of all gradients together (as ``clip_grad_norm_`` computes it), a 0-dim tensor.
 
     FSDP2 ``DTensor`` gradients: the norm of the full gradients, from the local shards and one collective
     (:func:`lightning_gradguard.distributed.global_norm`), identical on every rank.
+
+    ``tensor_sq``: the squared L2 norm of each gradient (``params``' gradients in order, local shards), when
+    already computed this step (e.g. by ``GradientMonitor``'s statistics): then no gradient is read again.
+    Only for ``norm_type=2``.
     """
+    if tensor_sq is not None:
+        if float(norm_type) != 2.0:
+            raise ValueError(f"global_norm: tensor_sq is only for norm_type=2, not norm_type={norm_type!r}")
+        grads = _grads(params)
+        if distributed.any_dtensor(grads):
+            s, _ = distributed.reduce_sum_max((tensor_sq.float() * distributed.count_weights(grads, tensor_sq.device)).sum().reshape(1))
+            return s[0].sqrt()
+        return tensor_sq.float().sum().sqrt()
     return distributed.global_norm(_grads(params), norm_type)
 
 
@@ -71,17 +84,40 @@ def clip_by_value_(params: Iterable[torch.Tensor], clip_value: float) -> None:
 
 def clip_by_norm_(
     params: Iterable[torch.Tensor], max_norm: Union[float, torch.Tensor], norm_type: Union[float, str] = 2.0,
-    total_norm: Optional[torch.Tensor] = None,
+    total_norm: Optional[torch.Tensor] = None, keep_nonfinite: bool = False,
 ) -> torch.Tensor:
-    """Rescale the gradients so their global norm is at most ``max_norm``; return the norm before."""
+    """Rescale the gradients so their global norm is at most ``max_norm``; return the norm before.
+
+    ``keep_nonfinite=True``: when the norm is NaN/Inf the gradients are left as they are (coefficient 1,
+    chosen on the device with ``torch.where``: no host read) instead of being multiplied by
+    ``max_norm / inf = 0`` (which turns every Inf into NaN), so a later look still finds where it arose.
+    """
     params = list(params)
     grads = local_tensors(_grads(params))
     if total_norm is None:
         total_norm = global_norm(params, norm_type)
     if grads:
         coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        if keep_nonfinite:
+            coef = torch.where(torch.isfinite(total_norm), coef, torch.ones_like(coef))
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total_norm
+
+
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _segment_index(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` as a long tensor on ``device``, made once per (sizes, device): a
+    list turned into a device tensor every step is a host-to-device copy every step."""
+    key = (sizes, str(device))
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        index = _INDEX_CACHE[key] = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)], dtype=torch.long,
+                                                 device=device)
+    return index
 
 
 def clip_by_norm_per_group_(
@@ -98,7 +134,7 @@ def clip_by_norm_per_group_(
     flat = [g for gs in grads for g in gs]
     parts = local_tensors(flat)
     dev = parts[0].device
-    index = torch.tensor([i for i, gs in enumerate(grads) for _ in gs], device=dev)
+    index = _segment_index(tuple(len(gs) for gs in grads), dev)
     p = float("inf") if norm_type in ("inf", float("inf")) else float(norm_type)
     norms = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(parts, p)])
     sharded = distributed.any_dtensor(flat)
@@ -312,6 +348,11 @@ class PercentileClipper:
     Keeps the last ``history_size`` *finite* norms in a ring buffer on the gradients' device; until
     ``warmup_steps`` norms are recorded, clips at ``warmup_threshold`` (or not at all when ``None``).
 
+    Free of host syncs: the ring-buffer write goes through :func:`masked_slot_write_` (indexing the history
+    with the device-side slot, ``history[slot]``, would read the slot on the host), the percentile is a
+    ``torch.nanquantile`` over the masked buffer, and a non-finite norm is kept out of the history with
+    ``torch.where``. Nothing is read on the host in any call.
+
     Example:
         >>> clipper = PercentileClipper(percentile=10.0, history_size=1000, warmup_steps=5)
         >>> # each step, after backward:  norm_before, threshold = clipper.clip_(model.parameters())
@@ -321,6 +362,12 @@ class PercentileClipper:
         self, percentile: float = 10.0, history_size: int = 1000, warmup_steps: int = 10,
         warmup_threshold: Optional[float] = None, norm_type: Union[float, str] = 2.0,
     ) -> None:
+        if not 0.0 <= float(percentile) <= 100.0:
+            raise ValueError(f"PercentileClipper: percentile={percentile!r} must be in [0, 100]")
+        if int(history_size) < 1:
+            raise ValueError(f"PercentileClipper: history_size={history_size!r} must be an integer >= 1")
+        if int(warmup_steps) < 0:
+            raise ValueError(f"PercentileClipper: warmup_steps={warmup_steps!r} must be an integer >= 0")
         self.percentile = percentile
         self.history_size = history_size
         self.warmup_steps = warmup_steps
@@ -328,24 +375,36 @@ class PercentileClipper:
         self.norm_type = norm_type
         self.history = torch.zeros(history_size)
         self.count = torch.zeros((), dtype=torch.long)  # finite norms recorded so far (on the device)
+        self._arange: Optional[torch.Tensor] = None
+        self._fallback: Optional[torch.Tensor] = None
 
     def _to(self, device: torch.device) -> None:
         if self.history.device != device:
             self.history = self.history.to(device)
             self.count = self.count.to(device)
+        if self._arange is None or self._arange.device != device:
+            self._arange = torch.arange(self.history_size, device=device)
+            fallback = self.warmup_threshold if self.warmup_threshold is not None else float("inf")
+            self._fallback = torch.full((), fallback, device=device)
 
     def threshold(self) -> torch.Tensor:
         """The percentile of the recorded norms (inf while nothing is recorded)."""
+        self._to(self.history.device)
         n = torch.clamp(self.count, max=self.history_size)
-        valid = torch.arange(self.history_size, device=self.history.device) < n
+        valid = self._arange < n
         data = torch.where(valid, self.history, torch.full_like(self.history, float("nan")))
         q = torch.nanquantile(data, self.percentile / 100.0)
         return torch.where(n > 0, q, torch.full_like(q, float("inf")))
 
-    def clip_(self, params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Record this step's global norm, clip; return (norm before, threshold in force)."""
+    def clip_(self, params: Iterable[torch.Tensor], total_norm: Optional[torch.Tensor] = None,
+              keep_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record this step's global norm, clip; return (norm before, threshold in force).
+
+        ``total_norm``: the global norm if already computed (shared with the monitor, or all-reduced);
+        ``keep_nonfinite``: leave the gradients as they are when the norm is NaN/Inf (see :func:`clip_by_norm_`).
+        """
         params = list(params)
-        total = global_norm(params, self.norm_type)
+        total = global_norm(params, self.norm_type) if total_norm is None else total_norm
         self._to(total.device)
         finite = torch.isfinite(total)
         slot = self.count % self.history_size
@@ -353,9 +412,9 @@ class PercentileClipper:
         self.count += finite.long()
         thr = self.threshold()
         warm = self.count < self.warmup_steps
-        fallback = torch.full_like(thr, self.warmup_threshold if self.warmup_threshold is not None else float("inf"))
-        thr = torch.where(warm, fallback, thr)
-        clip_by_norm_(params, thr, self.norm_type, total_norm=total)
+        assert self._fallback is not None
+        thr = torch.where(warm, self._fallback.to(thr.dtype), thr)
+        clip_by_norm_(params, thr, self.norm_type, total_norm=total, keep_nonfinite=keep_nonfinite)
         return total, thr
 
     def state_dict(self) -> dict:

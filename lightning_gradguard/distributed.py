@@ -60,13 +60,15 @@ def check_strategy(strategy: Any, owner: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ shards
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
 def is_dtensor(t: Any) -> bool:
     """``t`` is a ``torch.distributed.tensor.DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:
@@ -112,9 +114,23 @@ def count_weight(t: torch.Tensor) -> float:
     return (mesh.size() / world) if first else 0.0
 
 
+_WEIGHTS_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def count_weights(tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
-    """:func:`count_weight` of each tensor as a float32 tensor (on ``device``)."""
-    return torch.tensor([count_weight(t) for t in tensors], dtype=torch.float32, device=device)
+    """:func:`count_weight` of each tensor as a float32 tensor (on ``device``).
+
+    The weights are decided on the host (mesh coordinates and placements, no tensor values); the device
+    tensor is made once per distinct weight vector and device and reused, so a step does not copy a Python
+    list to the device (a host-to-device transfer on a GPU)."""
+    weights = tuple(count_weight(t) for t in tensors)
+    key = (weights, str(device))
+    cached = _WEIGHTS_CACHE.get(key)
+    if cached is None:
+        if len(_WEIGHTS_CACHE) > 64:
+            _WEIGHTS_CACHE.clear()
+        cached = _WEIGHTS_CACHE[key] = torch.tensor(weights, dtype=torch.float32, device=device)
+    return cached
 
 
 def reduce_sum_max(

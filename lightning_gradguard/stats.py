@@ -117,16 +117,230 @@ def _flat(groups: Sequence[LayerGroup]) -> tuple[list[torch.Tensor], list[int]]:
     return params, index
 
 
+#: rows of the packed buffer: every small gradient starts at a multiple of BLOCK elements (zero padding)
+BLOCK = 128
+#: gradients with at least this many elements are reduced where they lie (no copy)
+INPLACE_MIN = 1 << 14
+#: the packed buffer and the update-ratio copies hold at least this many elements (16 KiB in float32)
+MIN_CHUNK = 1 << 12
+
+
+class GradStatsPlan:
+    """Per-layer gradient moments in a number of kernels that does not grow with the number of layers.
+
+    Built once (``GradientMonitor`` builds it at fit start; the index buffers are made on the first call, when
+    the gradients' devices and dtypes are known, and again only if they change). Per (device, dtype):
+
+    - gradients smaller than ``INPLACE_MIN`` elements are copied by **one** ``torch._foreach_copy_`` into a
+      persistent zero-padded buffer, each starting on a row of ``BLOCK`` elements, and reduced row-wise:
+      sum of squares, sum, max |g| (from ``amax``/``amin``), count of non-zeros, 4 kernels for all of them,
+      then one ``index_add_`` and one ``scatter_reduce_`` from rows to tensors with an index built once.
+      The buffer holds at most ``max(memory_fraction × all gradient elements, MIN_CHUNK)`` elements; more
+      small gradients than that are done in that many chunks (at most about ``1/memory_fraction + 1``
+      chunks, whatever the number of layers; ``memory_fraction=1``: one chunk);
+    - larger gradients are reduced where they lie (no copy): there the data, not the kernel launch, is the
+      cost, and a copy would double the bytes read.
+
+    Then one ``index_add_`` from tensors to layers. Non-finite values: a row whose sum of squares is finite
+    holds none (an Inf or NaN makes it Inf/NaN), so the exact count of non-finite values is only taken for
+    such rows; on the CPU, where reading a flag waits for nothing, only when there is such a row at all; on
+    an accelerator always (one more fused pass, no host read). Nothing here reads a value on the host on an
+    accelerator.
+
+    Extra memory: the packed buffer (``≤ memory_fraction`` of the gradients' bytes, at least
+    ``MIN_CHUNK`` elements) plus a few values per row and per layer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> net(torch.randn(4, 8)).sum().backward()
+        >>> plan = GradStatsPlan(layer_groups(net))
+        >>> sums, maxes = plan.moments()          # (layers, 5) and (layers,): finish with grad_statistics_from
+        >>> grad_statistics_from(sums, maxes).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, groups: Sequence[LayerGroup], memory_fraction: float = 0.1, sharded: Optional[bool] = None) -> None:
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"GradStatsPlan: memory_fraction={memory_fraction!r} must be in (0, 1]")
+        self.groups = list(groups)
+        self.params, self._group_index = _flat(self.groups)
+        self.memory_fraction = float(memory_fraction)
+        self.sharded = distributed.any_dtensor(self.params) if sharded is None else bool(sharded)
+        self._signature: Optional[tuple] = None
+        self._buckets: list[_Bucket] = []
+        self._device: Optional[torch.device] = None
+        self._to_group: Optional[torch.Tensor] = None
+        self._numel: Optional[torch.Tensor] = None
+        self._weights: Optional[torch.Tensor] = None
+        #: this rank's per-tensor sums of squares of the last :meth:`moments` call (unweighted, ``(tensors,)``)
+        self.tensor_sq: Optional[torch.Tensor] = None
+
+    def _build(self, grads: list[Optional[torch.Tensor]], signature: tuple) -> None:
+        present = [g for g in grads if g is not None]
+        self._device = present[0].device
+        total = sum(g.numel() for g in present)
+        chunk = max(MIN_CHUNK, int(self.memory_fraction * total))
+        chunk = -(-chunk // BLOCK) * BLOCK
+        by_kind: dict[tuple, list[int]] = {}
+        for t, g in enumerate(grads):
+            if g is not None:
+                by_kind.setdefault((g.device, g.dtype), []).append(t)
+        self._buckets = [_Bucket(dev, dtype, members, grads, chunk, self._device) for (dev, dtype), members in by_kind.items()]
+        dev = self._device
+        self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
+        self._numel = torch.tensor([0.0 if g is None else float(g.numel()) for g in grads], device=dev)
+        self._weights = distributed.count_weights(self.params, dev) if self.sharded else None
+        self._signature = signature
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's additive moments per layer (see :func:`grad_moments`): ``sums`` ``(layers, 5)`` (sum of
+        squares, sum, zeros, non-finite, count) and ``maxes`` ``(layers,)`` (max |g|); replicas weighted so
+        they count once when the plan is ``sharded``. Also sets :attr:`tensor_sq`."""
+        grads = [None if p.grad is None else distributed.local(p.grad.detach()) for p in self.params]
+        signature = tuple(None if g is None else (g.device, g.dtype, g.numel()) for g in grads)
+        n_groups = len(self.groups)
+        if all(g is None for g in grads):
+            self.tensor_sq = None
+            return torch.zeros(n_groups, 5), torch.zeros(n_groups)
+        if signature != self._signature:
+            self._build(grads, signature)
+        dev = self._device
+        assert dev is not None and self._to_group is not None and self._numel is not None
+        per = torch.zeros(len(grads), 4, device=dev)  # sum sq, sum, non-zeros, non-finite
+        amax = torch.zeros(len(grads), device=dev)
+        for bucket in self._buckets:
+            bucket.reduce_into(grads, per, amax)
+        self.tensor_sq = per[:, 0]
+        numel = self._numel
+        zeros = numel - per[:, 2]
+        table = torch.stack([per[:, 0], per[:, 1], zeros, per[:, 3], numel], dim=1)
+        if self._weights is not None:
+            table = table * self._weights[:, None]
+        sums = torch.zeros(n_groups, 5, device=dev).index_add_(0, self._to_group, table)
+        maxes = torch.zeros(n_groups, device=dev).scatter_reduce_(0, self._to_group, amax, reduce="amax", include_self=True)
+        return sums, maxes
+
+
+    def per_group(self, per_tensor: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Per-tensor values (in :attr:`params` order) combined per layer (``sum`` or ``amax``), with the index
+        built once; ``(layers,)``."""
+        if reduce not in ("sum", "amax"):
+            raise ValueError(f"GradStatsPlan.per_group: reduce={reduce!r} is not one of: sum, amax")
+        dev = per_tensor.device
+        index = self._group_index_on(dev)
+        out = torch.zeros(len(self.groups), device=dev, dtype=per_tensor.dtype)
+        if reduce == "sum":
+            return out.index_add_(0, index, per_tensor)
+        return out.scatter_reduce_(0, index, per_tensor, reduce="amax", include_self=True)
+
+    def _group_index_on(self, dev: torch.device) -> torch.Tensor:
+        if self._to_group is None or self._to_group.device != dev:
+            self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
+        return self._to_group
+
+    def weight_sq(self) -> torch.Tensor:
+        """This rank's part of each layer's squared weight norm, ``(layers,)`` (one ``_foreach_norm``; replicas
+        weighted when ``sharded``; sum over ranks, then sqrt)."""
+        if not self.params:
+            return torch.zeros(len(self.groups))
+        local = [distributed.local(p.detach()) for p in self.params]
+        sq = torch.stack(torch._foreach_norm(local, 2)).float() ** 2
+        if self.sharded:
+            sq = sq * distributed.count_weights(self.params, sq.device)
+        return self.per_group(sq)
+
+
+class _Bucket:
+    """The gradients of one (device, dtype): the packed small ones (chunks of rows) and the in-place large ones."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], grads: list[Optional[torch.Tensor]],
+                 chunk: int, out_device: torch.device) -> None:
+        self.device, self.dtype, self.out_device = device, dtype, out_device
+        self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # sums never in half precision
+        self.large = [t for t in members if grads[t].numel() >= INPLACE_MIN]  # type: ignore[union-attr]
+        small = [t for t in members if grads[t].numel() < INPLACE_MIN]  # type: ignore[union-attr]
+        self.large_index = torch.tensor(self.large, dtype=torch.long, device=out_device)
+        # chunks: (tensor ids, offsets, rows, row -> tensor index)
+        self.chunks: list[tuple[list[int], list[int], int, torch.Tensor]] = []
+        ids: list[int] = []
+        offs: list[int] = []
+        rows_of: list[int] = []
+        used = 0
+        for t in small:
+            n = grads[t].numel()  # type: ignore[union-attr]
+            rows = -(-n // BLOCK) if n else 0
+            if used + rows * BLOCK > chunk and ids:
+                self.chunks.append((ids, offs, used // BLOCK, torch.tensor(rows_of, dtype=torch.long, device=out_device)))
+                ids, offs, rows_of, used = [], [], [], 0
+            ids.append(t)
+            offs.append(used)
+            rows_of += [t] * rows
+            used += rows * BLOCK
+        if ids:
+            self.chunks.append((ids, offs, used // BLOCK, torch.tensor(rows_of, dtype=torch.long, device=out_device)))
+        size = max((c[2] for c in self.chunks), default=0) * BLOCK
+        self.buffer = torch.zeros(size, dtype=dtype, device=device)
+        self.views = [[self.buffer[o : o + grads[t].numel()] for t, o in zip(c[0], c[1])] for c in self.chunks]  # type: ignore[union-attr]
+
+    def reduce_into(self, grads: list[Optional[torch.Tensor]], per: torch.Tensor, amax: torch.Tensor) -> None:
+        exact_on_host = self.device.type == "cpu"
+        for (ids, _, rows, row_index), views in zip(self.chunks, self.views):
+            src = [grads[t] for t in ids]
+            if len(self.chunks) > 1 or any(g is None for g in src):
+                self.buffer[: rows * BLOCK].zero_()  # padding and absent gradients read as zeros
+            have = [(v, g.reshape(-1)) for v, g in zip(views, src) if g is not None]
+            if have:
+                torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
+            x = self.buffer[: rows * BLOCK].view(rows, BLOCK)
+            sq = torch.linalg.vector_norm(x, 2, dim=1, dtype=self.acc).square().float()
+            s = x.sum(dim=1, dtype=self.acc).float()
+            top = torch.maximum(x.amax(dim=1), -x.amin(dim=1)).float()
+            nz = torch.count_nonzero(x, dim=1).float()
+            nf = _nonfinite_rows(x, sq, exact_on_host)
+            vals = torch.stack([sq, s, nz, nf], dim=1).to(self.out_device)
+            per.index_add_(0, row_index, vals)
+            amax.scatter_reduce_(0, row_index, top.to(self.out_device), reduce="amax", include_self=True)
+        large = [(t, grads[t]) for t in self.large if grads[t] is not None]
+        if not large:
+            return
+        tensors = [g for _, g in large]
+        sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=self.acc)).square().float()  # type: ignore[arg-type]
+        wide = self.dtype == self.acc
+        s = torch.stack([g.sum() if wide else g.sum(dtype=self.acc) for g in tensors]).float()
+        nz = torch.stack([torch.count_nonzero(g) for g in tensors]).float()
+        tops = torch.maximum(torch.stack([g.amax() for g in tensors]), -torch.stack([g.amin() for g in tensors])).float()
+        if exact_on_host and bool(torch.isfinite(sq).all()):
+            nf = torch.zeros_like(sq)
+        else:
+            nf = torch.stack([_nonfinite_rows(g.reshape(1, -1), q.reshape(1), exact_on_host)[0] for g, q in zip(tensors, sq)])
+        vals = torch.stack([sq, s, nz, nf], dim=1)
+        index = self.large_index if len(large) == len(self.large) else torch.tensor(
+            [t for t, _ in large], dtype=torch.long, device=self.out_device)
+        per.index_add_(0, index, vals.to(self.out_device))
+        amax.scatter_reduce_(0, index, tops.to(self.out_device), reduce="amax", include_self=True)
+
+
+def _nonfinite_rows(x: torch.Tensor, sq: torch.Tensor, exact_on_host: bool) -> torch.Tensor:
+    """Count of non-finite values per row of ``x``, given each row's sum of squares ``sq`` (finite: none).
+
+    On the CPU the count is only taken when some row's ``sq`` is not finite (reading that flag waits for no
+    device); elsewhere it is always taken, with no host read."""
+    bad = ~torch.isfinite(sq)
+    if exact_on_host and not bool(bad.any()):
+        return torch.zeros_like(sq)
+    return torch.where(bad, (~torch.isfinite(x)).sum(dim=1).float(), torch.zeros_like(sq))
+
+
 def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:
     """``(len(groups), len(GRAD_STATS))`` float32 tensor on the gradients' device.
 
     Columns: L2 norm, mean, std (population), max |g|, fraction of exact zeros, count of non-finite values.
-    A layer without gradients this step reads 0 everywhere. Norms, means and spreads are computed over the
-    finite values' sums, so a NaN shows up as NaN in the norm and in the non-finite count.
-    FSDP2 ``DTensor`` gradients: statistics of the full gradients (one collective; see :func:`grad_moments`).
+    A layer without gradients this step reads 0 everywhere. A NaN or Inf shows up in the norm (NaN/Inf) and in
+    the non-finite count. FSDP2 ``DTensor`` gradients: statistics of the full gradients (one collective; see
+    :func:`grad_moments`). Computed by a :class:`GradStatsPlan` (built here; keep one to reuse its buffers).
     """
-    sums, maxes = grad_moments(groups)
     params, _ = _flat(groups)
+    sums, maxes = grad_moments(groups)
     sums, maxes = distributed.reduce_sum_max(sums, maxes, enabled=distributed.any_dtensor(params))
     return grad_statistics_from(sums, maxes)
 
@@ -137,27 +351,9 @@ def grad_moments(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -
     ``(len(groups),)`` (max |g|). Ranks combine them with
     :func:`~lightning_gradguard.distributed.reduce_sum_max`; replicas count once
     (:func:`~lightning_gradguard.distributed.count_weights`) when ``sharded`` (default: any gradient is a
-    ``DTensor``; pass the caller's decision to reduce). Finish with :func:`grad_statistics_from`."""
-    params, index = _flat(groups)
-    have = [(p.grad, i) for p, i in zip(params, index) if p.grad is not None]
-    if not have:
-        return torch.zeros(len(groups), 5), torch.zeros(len(groups))
-    full = [g for g, _ in have]
-    grads = distributed.local_tensors(full)
-    dev = grads[0].device
-    idx = torch.tensor([i for _, i in have], device=dev)
-    sq = torch.stack(torch._foreach_norm(grads, 2)).float() ** 2
-    mx = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
-    sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
-    numel = torch.tensor([float(g.numel()) for g in grads], device=dev)
-    zeros = numel - torch.stack([torch.count_nonzero(g) for g in grads]).float()
-    nonfinite = numel - torch.stack([torch.isfinite(g).sum() for g in grads]).float()
-    per = torch.stack([sq, sums, zeros, nonfinite, numel], dim=1)
-    if distributed.any_dtensor(full) if sharded is None else sharded:
-        per = per * distributed.count_weights(full, dev)[:, None]
-    agg = torch.zeros(len(groups), per.shape[1], device=dev).index_add_(0, idx, per)
-    gmax = torch.zeros(len(groups), device=dev).scatter_reduce_(0, idx, mx, reduce="amax", include_self=True)
-    return agg, gmax
+    ``DTensor``; pass the caller's decision to reduce). Finish with :func:`grad_statistics_from`.
+    One-off form of :meth:`GradStatsPlan.moments`."""
+    return GradStatsPlan(groups, sharded=sharded).moments()
 
 
 def grad_statistics_from(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tensor:
@@ -169,15 +365,17 @@ def grad_statistics_from(sums: torch.Tensor, maxes: torch.Tensor) -> torch.Tenso
 
 
 def _group_sq(
-    groups: Sequence[LayerGroup], tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], sharded: Optional[bool] = None
+    groups: Sequence[LayerGroup], tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], sharded: Optional[bool] = None,
+    index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-group sum of squares of ``tensors`` (local parts), weighted so replicas of ``like`` count once."""
-    _, index = _flat(groups)
     dev = tensors[0].device
     sq = torch.stack(torch._foreach_norm(list(tensors), 2)).float() ** 2
     if distributed.any_dtensor(like) if sharded is None else sharded:
         sq = sq * distributed.count_weights(like, dev)
-    return torch.zeros(len(groups), device=dev).index_add_(0, torch.tensor(index, device=dev), sq)
+    if index is None:
+        index = torch.tensor(_flat(groups)[1], device=dev)
+    return torch.zeros(len(groups), device=dev).index_add_(0, index, sq)
 
 
 def weight_sq(groups: Sequence[LayerGroup], sharded: Optional[bool] = None) -> torch.Tensor:
@@ -196,7 +394,9 @@ def weight_norms(groups: Sequence[LayerGroup]) -> torch.Tensor:
 
 
 def snapshot(groups: Sequence[LayerGroup]) -> list[torch.Tensor]:
-    """A copy of every parameter (its local shard under FSDP2) before an optimizer step, for :func:`update_ratios`."""
+    """A copy of every parameter (its local shard under FSDP2) before an optimizer step, for :func:`update_ratios`.
+
+    A full copy of the parameters: :class:`UpdateTracker` measures the same ratios with a bounded copy."""
     params, _ = _flat(groups)
     return [distributed.local(p.detach()).clone() for p in params]
 
@@ -221,6 +421,82 @@ def update_ratios(groups: Sequence[LayerGroup], before: list[torch.Tensor]) -> t
     params, _ = _flat(groups)
     sq, _ = distributed.reduce_sum_max(update_sq(groups, before), enabled=distributed.any_dtensor(params))
     return update_ratios_from(sq)
+
+
+class UpdateTracker:
+    """‖Δw‖/‖w‖ of one optimizer step per layer without copying all parameters: a rotating subset of layers.
+
+    :meth:`begin` (before the step) copies the parameters of the next layers in forward order whose sizes add
+    up to at most ``max(memory_fraction × all parameter elements, MIN_CHUNK)`` (a layer larger than that
+    alone, by itself); :meth:`finish` (after the step) subtracts in place and returns this rank's ‖Δw‖² and
+    ‖w_before‖² per layer, ``(2, layers)``, and which layers were measured. The next :meth:`begin` goes on
+    with the following layers, so every layer is measured once every ``≈ 1/memory_fraction`` logging steps
+    (every logging step with ``memory_fraction=1``, or for a model of at most ``MIN_CHUNK`` elements).
+    Exact for the layers measured: nothing is estimated.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> tracker = UpdateTracker(layer_groups(net))
+        >>> tracker.begin()
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.add_(0.1)
+        >>> sq, measured = tracker.finish()
+        >>> measured.tolist()
+        [True, True]
+    """
+
+    def __init__(self, groups: Sequence[LayerGroup], memory_fraction: float = 0.1, sharded: Optional[bool] = None) -> None:
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"UpdateTracker: memory_fraction={memory_fraction!r} must be in (0, 1]")
+        self.groups = list(groups)
+        self.sharded = distributed.any_dtensor(_flat(self.groups)[0]) if sharded is None else bool(sharded)
+        sizes = [sum(distributed.local(p).numel() for p in g.params) for g in self.groups]
+        self.budget = max(MIN_CHUNK, int(memory_fraction * sum(sizes)))
+        self._sizes = sizes
+        self._next = 0
+        self._taken: list[int] = []
+        self._params: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+        self._index: Optional[torch.Tensor] = None
+
+    def begin(self) -> None:
+        """Copy the next layers' parameters (call right before the optimizer step)."""
+        self._taken, used = [], 0
+        n = len(self.groups)
+        for k in range(n):
+            gi = (self._next + k) % n
+            if not self._sizes[gi]:
+                continue
+            if self._taken and used + self._sizes[gi] > self.budget:
+                break
+            self._taken.append(gi)
+            used += self._sizes[gi]
+        if self._taken:
+            self._next = (self._taken[-1] + 1) % n
+        self._params = [p for gi in self._taken for p in self.groups[gi].params]
+        local = [distributed.local(p.detach()) for p in self._params]
+        self._copies = [t.clone() for t in local]
+        index = [gi for gi in self._taken for _ in self.groups[gi].params]
+        self._index = torch.tensor(index, dtype=torch.long, device=local[0].device) if local else None
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``(2, layers)`` ‖Δw‖², ‖w_before‖² (0 for layers not measured) and a bool ``(layers,)``
+        of the layers measured; frees the copies."""
+        n = len(self.groups)
+        measured = torch.zeros(n, dtype=torch.bool)
+        if not self._copies or self._index is None:
+            return torch.zeros(2, n), measured
+        dev = self._copies[0].device
+        before = torch.stack(torch._foreach_norm(self._copies, 2)).float() ** 2
+        torch._foreach_sub_(self._copies, [distributed.local(p.detach()) for p in self._params])
+        delta = torch.stack(torch._foreach_norm(self._copies, 2)).float() ** 2
+        per = torch.stack([delta, before])
+        if self.sharded:
+            per = per * distributed.count_weights(self._params, dev)
+        out = torch.zeros(2, n, device=dev).index_add_(1, self._index, per)
+        measured[self._taken] = True
+        self._copies, self._params = [], []
+        return out, measured
 
 
 def activation_statistics(out: torch.Tensor, activation: Optional[str], unit_dim: int, eps: float = 0.01) -> torch.Tensor:

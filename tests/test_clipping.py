@@ -284,9 +284,55 @@ def test_nonfinite_message_names_the_layer_nearest_the_loss(tmp_path):
                     datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
 
 
-def test_percentile_nonfinite_message_does_not_claim_gradients_were_left_alone(tmp_path):
-    trainer = _trainer(tmp_path, [GradientClipping("percentile", warmup_steps=1, on_nonfinite="warn")], max_steps=2)
-    with pytest.warns(RuntimeWarning, match=r"multiplied every gradient by threshold/norm") as record:
+def test_percentile_nonfinite_warning_names_the_parameter_and_leaves_the_gradients_unscaled(tmp_path):
+    seen = {}
+
+    class Keep(pl.Callback):  # after clipping: the gradients the optimizer steps on
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 1:
+                seen["grad"] = pl_module.net[1].weight.grad.clone()
+
+    trainer = _trainer(tmp_path, [GradientClipping("percentile", warmup_steps=1, on_nonfinite="warn"), Keep()], max_steps=2)
+    with pytest.warns(RuntimeWarning, match=r"step 1 in parameter 'net.3.weight'.*gradients left unscaled"):
         trainer.fit(NaNAt(input_shape=[16], num_classes=4, depth=3, width=8),
                     datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
-    assert not any("unclipped" in str(w.message) for w in record)
+    assert torch.isfinite(seen["grad"]).all()  # not multiplied by threshold / NaN
+
+
+def test_shared_tensor_norms_and_keep_nonfinite_and_percentile_never_reads_the_host():
+    from lightning_gradguard.clipping import PercentileClipper, clip_by_norm_, global_norm
+    from tests.test_zscore import _NoHostReads
+
+    net = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2))
+    net(torch.randn(3, 5)).pow(2).sum().backward()
+    params = list(net.parameters())
+    sq = torch.stack([p.grad.pow(2).sum() for p in params])
+    assert float(global_norm(params, tensor_sq=sq)) == pytest.approx(float(global_norm(params)), rel=1e-6)
+    with pytest.raises(ValueError, match="norm_type"):
+        global_norm(params, "inf", tensor_sq=sq)
+    params[0].grad[0, 0] = float("inf")
+    kept = [p.grad.clone() for p in params]
+    clip_by_norm_(params, 1.0, keep_nonfinite=True)
+    for p, k in zip(params, kept):
+        torch.testing.assert_close(p.grad, k)
+    clip_by_norm_(params, 1.0)  # default: scaled by 1/inf = 0, the Inf turns NaN
+    assert torch.isnan(params[0].grad[0, 0])
+    clipper = PercentileClipper(percentile=50.0, history_size=4, warmup_steps=2)
+    for step in range(6):
+        net.zero_grad()
+        net(torch.randn(3, 5)).pow(2).sum().backward()
+        if step == 3:
+            params[1].grad[0] = float("nan")
+        with _NoHostReads():
+            clipper.clip_(params, keep_nonfinite=True)
+    assert int(clipper.count) == 5  # the NaN step was not recorded
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"percentile": 101.0}, "percentile=101.0"), ({"history_size": 0}, "history_size=0"), ({"warmup_steps": -1}, "warmup_steps=-1"),
+])
+def test_percentile_clipper_refuses_bad_arguments(kwargs, message):
+    from lightning_gradguard.clipping import PercentileClipper
+
+    with pytest.raises(ValueError, match=message):
+        PercentileClipper(**kwargs)

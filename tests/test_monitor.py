@@ -63,7 +63,7 @@ class HalfDead(DeepMLP):
 def test_scalars_match_direct_computation(tmp_path):
     rec = Recorder()
     model = HalfDead(lr=0.1)
-    trainer = _trainer(tmp_path, [GradientMonitor(), rec])
+    trainer = _trainer(tmp_path, [GradientMonitor(memory_fraction=1.0), rec])  # every layer's update ratio each step
     trainer.fit(model, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
     events = load_events(trainer.logger.log_dir)
     for step in (0, 1, 2):

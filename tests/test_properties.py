@@ -23,7 +23,8 @@ from lightning_gradguard.clipping import (
 from lightning_gradguard.init import TRUNCATED_NORMAL_STD, compute_fans, variance_scaling_
 from lightning_gradguard.stats import GRAD_STATS, LayerGroup, grad_statistics, histogram
 
-PROPS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+#: the number of examples comes from the Hypothesis profile loaded in conftest.py (40 in CI)
+PROPS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------------------------- init
@@ -266,3 +267,82 @@ def test_histogram_counts_match_torch_histc(values, bins):
 def test_histogram_ignores_nonfinite_values():
     h = histogram(torch.tensor([1.0, float("nan"), 3.0, float("inf")]), 2)
     assert h[:3].tolist() == [1.0, 3.0, 2.0] and h[5:].tolist() == [1.0, 1.0]
+
+
+@PROPS
+@given(sets=st.lists(grad_sets(dtypes=(torch.float32, torch.float64)), min_size=1, max_size=4),
+       inplace_min=st.sampled_from([1, 8, 1 << 14]), chunk=st.sampled_from([128, 256, 1 << 16]))
+def test_grad_stats_plan_chunks_and_in_place_tensors_give_the_same_moments(sets, inplace_min, chunk):
+    """The packed-row path (one or several chunks), the in-place path and mixed dtypes all equal the reference."""
+    import lightning_gradguard.stats as stats
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stats, "INPLACE_MIN", inplace_min)
+        mp.setattr(stats, "MIN_CHUNK", chunk)
+        _check_plan(stats, sets)
+
+
+def _check_plan(stats, sets):
+    groups = [LayerGroup(f"l{i}", nn.Identity(), list(ps), "x") for i, ps in enumerate(sets)]
+    plan = stats.GradStatsPlan(groups, memory_fraction=0.01)
+    for _ in range(2):  # the second call reuses the buffers
+        sums, maxes = plan.moments()
+        got = stats.grad_statistics_from(sums, maxes).double()
+        for gi, ps in enumerate(sets):
+            grads = [q.grad.double().flatten() for q in ps if q.grad is not None]
+            if not grads:
+                assert torch.all(got[gi] == 0)
+                continue
+            v = torch.cat(grads)
+            nonfinite = int((~torch.isfinite(v)).sum())
+            assert got[gi, 5] == nonfinite
+            assert float(got[gi, 4]) == pytest.approx(float((v == 0).sum()) / v.numel())
+            if not nonfinite:
+                assert float(got[gi, 0]) == pytest.approx(float(v.norm()), rel=1e-4, abs=1e-6)
+                assert float(got[gi, 3]) == pytest.approx(float(v.abs().max()), rel=1e-6)
+        if plan.tensor_sq is not None:
+            with_grad = [q for ps in sets for q in ps]
+            ref = [0.0 if q.grad is None else float(q.grad.double().pow(2).sum()) for q in with_grad]
+            for a, b in zip(plan.tensor_sq.tolist(), ref):
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-6) or not math.isfinite(b)
+
+
+def test_update_tracker_rotates_within_its_budget_and_is_exact(monkeypatch):
+    import lightning_gradguard.stats as stats
+
+    monkeypatch.setattr(stats, "MIN_CHUNK", 100)
+    net = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)])  # 42 elements per layer: two layers per round
+    tracker = stats.UpdateTracker(stats.layer_groups(net), memory_fraction=0.1)
+    seen = []
+    for _ in range(3):
+        before = [p.detach().clone() for p in net.parameters()]
+        tracker.begin()
+        assert sum(t.numel() for t in tracker._copies) <= 100
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        sq, measured = tracker.finish()
+        seen.append(measured.tolist())
+        params = list(net.parameters())
+        for gi in range(5):
+            if measured[gi]:
+                d = sum(float((params[2 * gi + k].detach() - before[2 * gi + k]).pow(2).sum()) for k in range(2))
+                w = sum(float(before[2 * gi + k].pow(2).sum()) for k in range(2))
+                assert float(sq[0, gi]) == pytest.approx(d, rel=1e-5)
+                assert float(sq[1, gi]) == pytest.approx(w, rel=1e-5)
+    assert seen == [[True, True, False, False, False], [False, False, True, True, False], [True, False, False, False, True]]
+
+
+def test_plan_weight_norms_and_per_group_sums_match_the_direct_ones():
+    import lightning_gradguard.stats as stats
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    plan = stats.GradStatsPlan(stats.layer_groups(net))
+    expected = [float(net[0].weight.pow(2).sum() + net[0].bias.pow(2).sum()), float(net[2].weight.pow(2).sum() + net[2].bias.pow(2).sum())]
+    assert plan.weight_sq().tolist() == pytest.approx(expected, rel=1e-6)
+    assert plan.per_group(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [3.0, 7.0]
+    assert plan.per_group(torch.tensor([1.0, 2.0, 5.0, 4.0]), "amax").tolist() == [2.0, 5.0]
+    with pytest.raises(ValueError, match="reduce='mean'"):
+        plan.per_group(torch.ones(4), "mean")
+    with pytest.raises(ValueError, match="memory_fraction=0"):
+        stats.GradStatsPlan(stats.layer_groups(net), memory_fraction=0)

@@ -18,12 +18,32 @@ from lightning_gradguard.clipping import (
     clip_by_value_,
     global_norm,
 )
+from lightning_gradguard.host_transfer import AsyncReader
+from lightning_gradguard.shared_norms import step_norms_for
 from lightning_gradguard.step_skip import SKIP_MODES, SpikeDetector, StepSkipper
 from lightning_gradguard.graph import find_layers
 
 ALGORITHMS = ("value", "norm", "agc", "percentile", "zscore", "none")
 ON_NONFINITE = ("skip", "warn", "raise")
 SKIP_SPIKES = ("loss", "grad_norm", "both")
+
+
+def _forward_order(pl_module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters in forward order (registration order for a model that cannot be traced)."""
+    from lightning_gradguard.stats import layer_groups
+
+    try:
+        ordered = [p for g in layer_groups(pl_module) for p in g.params]
+    except Exception:  # noqa: BLE001 - an untraceable model: registration order
+        ordered = []
+    seen = {id(p) for p in ordered}
+    return ordered + [p for p in pl_module.parameters() if id(p) not in seen]
+
+
+def _norm_after(before: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The global norm after scaling every gradient by ``min(1, threshold / (before + 1e-6))`` (as
+    ``clip_by_norm_`` does), without reading the gradients again."""
+    return before * torch.clamp(threshold.to(before.dtype) / (before + 1e-6), max=1.0)
 
 
 def first_nonfinite_parameter(pl_module: torch.nn.Module, params: list[torch.Tensor]) -> Optional[str]:
@@ -80,10 +100,23 @@ class GradientClipping(Callback):
             host, don't step). See :mod:`lightning_gradguard.step_skip` for the costs.
         on_nonfinite: ``warn`` (default), ``raise`` (naming the first parameter with a NaN/Inf gradient),
             or ``skip`` (skip the whole optimizer step, by the same mechanism as ``skip_spikes``, counted in
-            ``gradguard/clip/nonfinite_steps``). ``warn``/``raise`` read one flag from the device per step;
-            ``skip`` never waits for the device (but see ``skip_mode``). Under ``16-mixed`` with a gradient
+            ``gradguard/clip/nonfinite_steps``). Which ones need the host: only ``raise`` reads a flag on
+            the host every step (it must stop at that step: on a GPU, one sync per step). ``skip`` decides
+            on the device (but see ``skip_mode``). ``warn`` records the step, the count and the parameter
+            nearest the loss on the device; the record is copied to the host without waiting and read on
+            a later step once it has landed (on the CPU at once, at the same step), and at the end of fit:
+            the warning names the first such step and its parameter. Under ``warn`` the step goes ahead:
+            ``norm``/``percentile``/``zscore`` leave a non-finite step's gradients unscaled (a coefficient
+            of 1 chosen on the device), ``value``/``agc``/``per_layer`` clip as usual. Under ``16-mixed`` with a gradient
             scaler, non-finite gradients are AMP overflows that the scaler skips by itself: they are counted
             as ``gradguard/clip/amp_overflow_steps`` and not warned about.
+
+    Reads of the gradients: the global L2 norm comes from one ``torch._foreach_norm`` pass whose per-gradient
+    norms are shared with ``GradientMonitor`` on the same Trainer (:mod:`lightning_gradguard.shared_norms`):
+    whichever of the two runs first reads, the other reuses (the monitor's logging-step statistics include
+    them; its every-step non-finite check uses clipping's). ``norm_after`` is computed from the norm and
+    the coefficient for ``norm``/``percentile``/``zscore``/``none`` (no second read); ``value``, ``agc`` and
+    ``per_layer`` read the clipped gradients' norm once more.
 
     Logs (through ``pl_module.log``, so every logger gets them) under ``gradguard/clip/``: ``norm_before``,
     ``norm_after``, ``threshold`` (value/norm/percentile/zscore; for zscore ZClip's effective clip value,
@@ -192,6 +225,12 @@ class GradientClipping(Callback):
         self._amp_overflow = torch.zeros((), dtype=torch.long)
         self._skip_ids: set[int] = set()
         self._threshold_t: Optional[torch.Tensor] = None
+        self._nf_record: Optional[torch.Tensor] = None  # warn: [count, first step, its parameter's rank, last step]
+        self._nf_reader = AsyncReader()
+        self._nf_warned = 0
+        self._forward_rank: dict[int, int] = {}
+        self._forward_names: list[str] = []
+        self._rank_cache: dict[tuple, torch.Tensor] = {}
         self._layer_groups: list[list[torch.Tensor]] = []
 
     @property
@@ -211,6 +250,11 @@ class GradientClipping(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         layers = find_layers(pl_module)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        ordered = _forward_order(pl_module)
+        self._forward_rank = {id(p): k for k, p in enumerate(ordered)}
+        self._forward_names = [names.get(id(p), "?") for p in ordered]
+        self._rank_cache = {}
         if self.algorithm == "agc" and not self.agc_clip_output_layer:
             self._skip_ids = agc_exempt_params(pl_module, layers)
         if self.per_layer:
@@ -244,6 +288,7 @@ class GradientClipping(Callback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._skipper is not None:
             self._skipper.detach_all()
+        self._poll_nonfinite(wait=True)  # a non-finite step whose record had not reached the host yet
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if self._skipper is not None:
@@ -280,12 +325,13 @@ class GradientClipping(Callback):
             return
         device = params[0].grad.device
         self._move(device)
-        before = global_norm(params, self.norm_type) if self.algorithm != "percentile" else None
-        if before is not None:
-            proceed, before = self._handle_nonfinite(trainer, pl_module, params, before)
-            if not proceed:
-                return
+        before, per_tensor = self._norms(trainer, optimizer, params)
+        proceed, before = self._handle_nonfinite(trainer, pl_module, params, before, per_tensor)
+        if not proceed:
+            return
+        keep = self.on_nonfinite == "warn"  # leave a non-finite step's gradients as they are (no host read)
         threshold: Optional[torch.Tensor] = None
+        after: Optional[torch.Tensor] = None
         if self.algorithm == "value":
             clip_by_value_(params, self.threshold)
             threshold = self._threshold_on(device)
@@ -296,20 +342,23 @@ class GradientClipping(Callback):
                 groups = [[p for p in g if id(p) in wanted] for g in self._layer_groups]
                 clip_by_norm_per_group_(groups, self.threshold, self.norm_type)
             else:
-                clip_by_norm_(params, self.threshold, self.norm_type, total_norm=before)
+                clip_by_norm_(params, self.threshold, self.norm_type, total_norm=before, keep_nonfinite=keep)
+                after = _norm_after(before, threshold)
         elif self.algorithm == "agc":
             adaptive_clip_([p for p in params if id(p) not in self._skip_ids], self.threshold, self.eps)
         elif self.algorithm == "zscore":
-            assert self._zscore is not None and before is not None
+            assert self._zscore is not None
             _, threshold = self._zscore.clip_(params, total_norm=before)
+            after = _norm_after(before, threshold)
         elif self.algorithm == "percentile":
             assert self._percentile is not None
-            before, threshold = self._percentile.clip_(params)
-            proceed, before = self._handle_nonfinite(trainer, pl_module, params, before)
-            if not proceed:
-                return
+            before, threshold = self._percentile.clip_(params, total_norm=before, keep_nonfinite=keep)
+            after = _norm_after(before, threshold)
+        else:  # none
+            after = before
         self._request_spike_skip(trainer, before)
-        after = global_norm(params, self.norm_type)
+        if after is None:  # value, agc, per-layer norm: the gradients changed in a way only a new read tells
+            after = global_norm(params, self.norm_type)
         self._steps += 1
         self._clipped += (after < before * (1 - 1e-6)).long()
         metrics = {"norm_before": before, "norm_after": after, "clipped_fraction": self._clipped / self._steps,
@@ -318,6 +367,22 @@ class GradientClipping(Callback):
             metrics["threshold"] = threshold
         for key, value in metrics.items():
             pl_module.log(f"gradguard/clip/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)
+
+    def _norms(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer,
+               params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global norm, each gradient's local norm² (L2) or norm (inf)): from ``GradientMonitor``'s read of
+        this step when it published one, else one ``_foreach_norm`` pass, published for the monitor."""
+        local_grads = [local(p.grad) for p in params]
+        if self.norm_type != 2.0:
+            per = torch.stack([n.float() for n in torch._foreach_norm(local_grads, float("inf"))])
+            return global_norm(params, self.norm_type), per
+        shared = step_norms_for(trainer)
+        key = (trainer.global_step, id(optimizer))
+        sq = shared.lookup(key, params)
+        if sq is None:
+            sq = torch.stack([n.float() for n in torch._foreach_norm(local_grads, 2)]) ** 2
+            shared.publish(key, params, sq)
+        return global_norm(params, 2.0, tensor_sq=sq), sq
 
     def _request_spike_skip(self, trainer: "pl.Trainer", grad_norm: torch.Tensor) -> None:
         """Ask the skipper to skip this step when the loss or grad norm is a spike (decided on the device)."""
@@ -336,11 +401,12 @@ class GradientClipping(Callback):
         self._skipper.request(spike)
 
     def _handle_nonfinite(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: list[torch.Tensor], norm: torch.Tensor
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: list[torch.Tensor], norm: torch.Tensor,
+        per_tensor: torch.Tensor,
     ) -> tuple[bool, torch.Tensor]:
-        """(go on clipping?, the norm to use): a non-finite step under warn is left alone; under skip the whole
-        optimizer step is skipped (the clipping that follows may leave NaN in the gradients: they are never
-        applied)."""
+        """(go on clipping?, the norm to use). ``skip``: the whole optimizer step is skipped (decided on the
+        device); ``warn``: recorded on the device and warned about from :meth:`_poll_nonfinite` (no host read
+        of a flag at this step); ``raise``: one flag read on the host (it must stop this step)."""
         finite = torch.isfinite(norm)
         sharded = any_dtensor([p.grad for p in params])  # then the norm is already global, equal on all ranks
         if not sharded and _distributed(trainer):
@@ -359,29 +425,64 @@ class GradientClipping(Callback):
             self._nonfinite += (~finite).long()
             self._skipper.request(~finite)  # no host read: the skipper decides on the device
             return True, norm
-        if bool(finite):  # one flag crosses to the host per step for warn/raise
+        if self.on_nonfinite == "warn":
+            self._record_nonfinite(trainer.global_step, params, finite, per_tensor)
+            self._poll_nonfinite(wait=False)
+            return True, norm
+        if bool(finite):  # raise: one flag crosses to the host per step
             return True, norm
         self._nonfinite += 1
-        if self.algorithm == "percentile":
-            # the percentile clip has already scaled every gradient by threshold / (non-finite norm): all are
-            # NaN now, so the parameter where it arose cannot be told from them
-            message = (
-                f"GradientClipping: non-finite gradient norm at step {trainer.global_step} (global norm "
-                f"{float(norm)}); percentile clipping multiplied every gradient by threshold/norm, so all of them "
-                "are NaN now (put GradientMonitor before GradientClipping to see the layer where it first appeared)"
-            )
-            tail = "; the optimizer steps on these gradients (on_nonfinite='warn')"
-        else:
-            name = first_nonfinite_parameter(pl_module, params)
-            message = (
-                f"GradientClipping: non-finite gradient at step {trainer.global_step} in parameter {name!r} (the "
-                f"one nearest the loss: where backward first produced it; global norm {float(norm)})"
-            )
-            tail = "; gradients left unclipped (on_nonfinite='warn')"
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(message + "; set on_nonfinite='skip' to skip such steps instead")
-        warnings.warn(message + tail, RuntimeWarning, stacklevel=2)
-        return False, norm
+        name = first_nonfinite_parameter(pl_module, params)
+        raise FloatingPointError(
+            f"GradientClipping: non-finite gradient at step {trainer.global_step} in parameter {name!r} (the one "
+            f"nearest the loss: where backward first produced it; global norm {float(norm)}); set "
+            "on_nonfinite='skip' to skip such steps instead"
+        )
+
+    def _record_nonfinite(self, step: int, params: list[torch.Tensor], finite: torch.Tensor,
+                          per_tensor: torch.Tensor) -> None:
+        """On the device: count the step, and keep the first such step and its parameter nearest the loss (the
+        last in forward order whose gradient norm is non-finite)."""
+        dev = finite.device
+        if self._nf_record is None or self._nf_record.device != dev:
+            self._nf_record = torch.tensor([0.0, -1.0, -1.0, -1.0], device=dev)  # count, first step, param, last
+        ids = tuple(id(p) for p in params)
+        ranks = self._rank_cache.get((ids, str(dev)))
+        if ranks is None:
+            ranks = self._rank_cache[(ids, str(dev))] = torch.tensor(
+                [float(self._forward_rank.get(i, -1)) for i in ids], device=dev)
+        bad = ~finite
+        nearest = torch.where(~torch.isfinite(per_tensor.to(dev)), ranks, torch.full_like(ranks, -1.0)).max()
+        rec = self._nf_record
+        first = bad & (rec[1] < 0)
+        self._nonfinite += bad.long()
+        self._nf_record = torch.stack([
+            rec[0] + bad.float(),
+            torch.where(first, torch.full_like(rec[1], float(step)), rec[1]),
+            torch.where(first, nearest, rec[2]),
+            torch.where(bad, torch.full_like(rec[3], float(step)), rec[3]),
+        ])
+
+    def _poll_nonfinite(self, wait: bool) -> None:
+        """Warn about non-finite steps recorded on the device, once their record has reached the host (the copy
+        is started without waiting and looked at on a later step; on the CPU at once). ``wait=True`` at the
+        end of fit."""
+        if self._nf_record is None:
+            return
+        values = self._nf_reader.wait(self._nf_record) if wait else self._nf_reader.poll(self._nf_record)
+        if values is None or values[0] <= self._nf_warned:
+            return
+        count, first, rank, last = int(values[0]), int(values[1]), int(values[2]), int(values[3])
+        name = self._forward_names[rank] if 0 <= rank < len(self._forward_names) else None
+        where = f"in parameter {name!r} (the one nearest the loss: where backward first produced it)" if name else (
+            "(the parameter is unknown for norm_type='inf' without per-parameter norms)")
+        more = f"; {count} such steps so far, the last at step {last}" if count > 1 else ""
+        how = ("gradients left unscaled" if self.algorithm in ("norm", "percentile", "zscore") and not self.per_layer
+               else "gradients clipped as usual (non-finite values stay non-finite; value clipping clamps ±Inf)")
+        warnings.warn(
+            f"GradientClipping: non-finite gradient at step {first} {where}{more}; {how} and the optimizer steps on "
+            "them (on_nonfinite='warn'; 'skip' skips such steps, 'raise' stops)", RuntimeWarning, stacklevel=2)
+        self._nf_warned = count
 
     def _threshold_on(self, device: torch.device) -> torch.Tensor:
         """The threshold as a tensor on ``device``, made once (a host-to-device copy per step could make a

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -17,11 +19,27 @@ from lightning_gradguard.callbacks._common import sample_batch_provider
 from lightning_gradguard.health import REMEDY, Finding, HealthDetector, LayerRow
 from lightning_gradguard.reporting import flush, log_histogram, log_image, log_layout, log_markdown, log_metrics
 from lightning_gradguard.stats import (
-    ACT_STATS, GRAD_STATS, LayerGroup, activation_hook_target, activation_statistics, activation_statistics_batch, shared_activations, grad_moments, grad_statistics_from, histogram, layer_groups, snapshot,
-    to_host, unit_dim_for, update_ratios_from, update_sq, weight_sq,
+    ACT_STATS, GRAD_STATS, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target,
+    grad_statistics_from, histogram, layer_groups, shared_activations, to_host, unit_dim_for, update_ratios_from,
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
+from lightning_gradguard.act_stats import ActivationAccumulator
+from lightning_gradguard.host_transfer import BackgroundWriter
+from lightning_gradguard.shared_norms import step_norms_for
 
+
+@dataclass
+class _StepContext:
+    """What the writer thread needs to format one logging step's host values."""
+
+    step: int
+    idx: list[int]
+    sub: list[LayerGroup]
+    act_idx: list[int]
+    measured: list[bool]
+    nf_keys: list[tuple]
+    n_nf: int
+    hist_tags: list[str]
 
 
 def _is_compute(group: LayerGroup) -> bool:
@@ -108,7 +126,8 @@ class GradientMonitor(Callback):
         histogram_every_n_steps: int = 500,
         histogram_bins: int = 30,
         figure_every_n_steps: int = 0,
-        nonfinite_check: Literal["every_step", "logging_steps"] = "every_step",
+        nonfinite_check: Literal["auto", "every_step", "logging_steps"] = "auto",
+        memory_fraction: float = 0.1,
         detect: bool = True,
         vanishing_norm: float = 1e-7,
         vanishing_ratio: float = 1e-3,
@@ -135,7 +154,9 @@ class GradientMonitor(Callback):
         self.histogram_every_n_steps = check_number(owner, "histogram_every_n_steps", histogram_every_n_steps, min_value=0, integer=True)
         self.histogram_bins = check_number(owner, "histogram_bins", histogram_bins, min_value=2, integer=True)
         self.figure_every_n_steps = check_number(owner, "figure_every_n_steps", figure_every_n_steps, min_value=0, integer=True)
-        self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, ("every_step", "logging_steps"))
+        self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, ("auto", "every_step", "logging_steps"))
+        self.memory_fraction = check_number(owner, "memory_fraction", memory_fraction, min_value=0.0, max_value=1.0,
+                                            min_inclusive=False)
         self.detect = check_bool(owner, "detect", detect)
         for name, value, lo, hi in (
             ("vanishing_norm", vanishing_norm, 0.0, None), ("vanishing_ratio", vanishing_ratio, 0.0, 1.0),
@@ -167,9 +188,19 @@ class GradientMonitor(Callback):
         self._log_step: Optional[int] = None
         self._logging = False
         self._grad: dict[int, torch.Tensor] = {}
-        self._before: dict[int, list[torch.Tensor]] = {}
-        self._acts: dict[int, Optional[torch.Tensor]] = {}
-        self._act_out: dict[int, tuple[torch.Tensor, Optional[str], int]] = {}
+        self._plans: dict[tuple[int, ...], GradStatsPlan] = {}
+        self._trackers: dict[tuple[int, ...], UpdateTracker] = {}
+        self._step_stats: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor, GradStatsPlan]] = []
+        self._trackers_used: list[tuple[tuple[int, ...], UpdateTracker, GradStatsPlan]] = []
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._ratios: dict[int, float] = {}  # each layer's last measured update ratio
+        self._tag_cache: dict[int, tuple] = {}
+        self._hook_targets: Optional[list[tuple]] = None
+        self._writer: Optional[BackgroundWriter] = None
+        self._done: deque = deque()  # logging steps the writer thread finished, for the training thread
+        self._loss_nonfinite: Optional[bool] = None
+        self._mine: dict[int, tuple[int, list[int]]] = {}
+        self._act_acc = ActivationAccumulator(saturation_eps)
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._failed_hooks: set[str] = set()
@@ -183,9 +214,8 @@ class GradientMonitor(Callback):
         self._hard: Optional[torch.Tensor] = None  # [seen, step, norm, group index] of the first norm > hard bound
         self._hard_reported = False
         # the training loss: summed on the device over the logging window, read on logging steps
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_n = 0
-        self._loss_bad: Optional[torch.Tensor] = None  # first step whose loss was NaN/Inf (-1: none)
+        self._losses: list[torch.Tensor] = []  # this window's training losses (detached scalars, read on logging steps)
+        self._loss_steps: list[int] = []
         self._batch_step = 0
         self._input_std: Optional[torch.Tensor] = None
         self._input_layer: Optional[LayerGroup] = None
@@ -213,6 +243,9 @@ class GradientMonitor(Callback):
         # the sample batch is read only if torch.fx cannot trace the model (Hugging Face models, ...)
         self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
         self._sharded = any_dtensor(list(pl_module.parameters()))
+        self._plans, self._trackers, self._pos_cache, self._ratios, self._tag_cache = {}, {}, {}, {}, {}
+        self._hook_targets = None
+        self._writer = BackgroundWriter()
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
         layout = {
             "gradguard": {
@@ -273,19 +306,27 @@ class GradientMonitor(Callback):
         self._hooks.append(first.module.register_forward_pre_hook(pre_hook))
 
     # ------------------------------------------------------------------------------- hooks
+    def _targets(self, pl_module: "pl.LightningModule") -> list[tuple]:
+        """(layer index, module to hook, function to apply, unit dim) of every observed layer, found once."""
+        if self._hook_targets is None:
+            modules = dict(pl_module.named_modules())
+            shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
+            self._hook_targets = [
+                (gi, *activation_hook_target(g, modules, shared), unit_dim_for(g.module))
+                for gi, g in enumerate(self.groups) if g.info is not None and not g.frozen
+            ]
+        return self._hook_targets
+
     def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
-        modules = dict(pl_module.named_modules())
-        shared = shared_activations(self.groups)  # one activation module after several layers: hook the layers
         want_hist = self._is_hist_step(step)
-        for gi, g in enumerate(self.groups):
-            if g.info is None or g.frozen or gi in self._acts:
+        for gi, target, fn, unit_dim in self._targets(pl_module):
+            if gi in self._act_acc:
                 continue
+            g = self.groups[gi]
             act = g.activation
-            target, fn = activation_hook_target(g, modules, shared)
-            unit_dim = unit_dim_for(g.module)
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
-                if gi in self._acts:
+                if gi in self._act_acc:
                     return
                 try:
                     y = out[0] if isinstance(out, (tuple, list)) else out
@@ -294,35 +335,14 @@ class GradientMonitor(Callback):
                     y = y.detach()
                     if fn is not None:
                         y = fn(y)
-                    self._act_out[gi] = (y, act, unit_dim)  # reduced at the end of the step, batched by shape
-                    self._acts[gi] = None
+                    # reduced as it arrives: a few values per layer are kept, never the output itself
+                    self._act_acc.add(gi, y, act, unit_dim)
                     if want_hist:
                         self._act_hists[gi] = histogram(y, self.histogram_bins)
                 except Exception as err:  # noqa: BLE001 - diagnostics never break training
                     self._warn_layer(g.name, err)
 
             self._hooks.append(target.register_forward_hook(hook))
-
-    def _reduce_activations(self) -> None:
-        """Activation statistics of this step's recorded outputs: same-shaped ones together, one layer at a
-        time where that fails (a layer whose output cannot be reduced is warned about once and skipped)."""
-        buckets: dict[tuple, list[int]] = {}
-        for gi, (y, act, unit_dim) in self._act_out.items():
-            buckets.setdefault((tuple(y.shape), y.dtype, y.device, act, unit_dim), []).append(gi)
-        for (_, _, _, act, unit_dim), members in buckets.items():
-            try:
-                rows = activation_statistics_batch([self._act_out[i][0] for i in members], act, unit_dim, self.saturation_eps)
-                for row, gi in zip(rows, members):
-                    self._acts[gi] = row
-                continue
-            except Exception:  # noqa: BLE001 - fall back to one layer at a time
-                pass
-            for gi in members:
-                try:
-                    self._acts[gi] = activation_statistics(self._act_out[gi][0], act, unit_dim, self.saturation_eps)
-                except Exception as err:  # noqa: BLE001 - diagnostics never break training
-                    self._acts[gi] = None
-                    self._warn_layer(self.groups[gi].name, err)
 
     def _warn_layer(self, name: str, err: Exception) -> None:
         if name not in self._failed_hooks:
@@ -338,80 +358,126 @@ class GradientMonitor(Callback):
         return self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
 
     # ------------------------------------------------------------------------------- the step
+    def _plan_for(self, key: tuple[int, ...]) -> GradStatsPlan:
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = GradStatsPlan([self.groups[i] for i in key], self.memory_fraction, self._sharded)
+        return plan
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu" \
+                and loss.numel() == 1:
+            # the loss passed to backward (micro-batches OR together); on the CPU reading it waits for nothing
+            bad = not math.isfinite(loss.detach().item())
+            self._loss_nonfinite = bad or bool(self._loss_nonfinite)
+
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+        loss_bad, self._loss_nonfinite = self._loss_nonfinite, None
+        mine = self._mine_of(optimizer)
         if not mine:
             return
-        if self.nonfinite_check == "every_step":
-            self._track_nonfinite(mine, step)
-        mine = [i for i in mine if i not in self._grad]  # manual optimization: each optimizer once per batch
-        if not self._logging or not mine:
+        key = (step, id(optimizer))
+        norms = step_norms_for(trainer)
+        todo = tuple(i for i in mine if i not in self._grad)  # manual optimization: each optimizer once per batch
+        sq: Optional[torch.Tensor] = None
+        plan = self._plan_for(tuple(mine))
+        if self._logging and todo:
+            tplan = self._plan_for(todo)
+            sums, maxes = tplan.moments()  # this rank's parts; ranks are combined at the end of the step
+            self._step_stats.append((todo, sums, maxes, tplan))
+            for gi in todo:
+                self._grad[gi] = sums  # marks the layer as done this step
+            if tplan is plan and tplan.tensor_sq is not None:
+                sq = tplan.tensor_sq
+                norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
+            tracker = self._trackers.get(todo)
+            if tracker is None:
+                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
+                                                                self._sharded)
+            tracker.begin()
+            self._trackers_used.append((todo, tracker, tplan))
+        if self.nonfinite_check == "logging_steps":
             return
-        sub = [self.groups[i] for i in mine]
-        sums, maxes = grad_moments(sub, self._sharded)  # this rank's parts; ranks are combined at the end of the step
-        table = torch.cat([sums, maxes[:, None]], dim=1)
-        for row, gi in enumerate(mine):
-            self._grad[gi] = table[row]
-        before = snapshot(sub)
-        for gi in mine:
-            n = len(self.groups[gi].params)
-            self._before[gi], before = before[:n], before[n:]
+        if sq is None:
+            sq = norms.lookup(key, plan.params)  # GradientClipping before us: its norms of these gradients
+        if sq is None:
+            cheap = self.nonfinite_check == "auto" and loss_bad is not None  # CPU: a host read waits for nothing
+            if cheap and not loss_bad:
+                return  # the loss is finite: gradients are looked at on logging steps
+            sq = self._tensor_sq(plan)
+            if sq is None:
+                return
+            norms.publish(key, plan.params, sq)
+        self._track_nonfinite(tuple(mine), plan, sq, step)
 
-    def _track_nonfinite(self, mine: list[int], step: int) -> None:
-        """Remember, on the device, the first step with a NaN/Inf gradient and which parameters had one, and
-        the first step with a gradient norm above ``exploding_hard_norm`` (a handful of batched ops; nothing
-        crosses to the host until the next logging step). Each optimizer's parameter set keeps its own flags,
-        so several optimizers (manual optimization, GANs) do not reset each other's record."""
-        pairs = [(p.grad, gi) for gi in mine for p in self.groups[gi].params if p.grad is not None]
-        if not pairs:
-            return
-        key = tuple(gi for _, gi in pairs)
-        dev = pairs[0][0].device
+    def _mine_of(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """The layers of ``optimizer``'s parameters (found once per optimizer and parameter count)."""
+        count = sum(len(grp["params"]) for grp in optimizer.param_groups)
+        cached = self._mine.get(id(optimizer))
+        if cached is None or cached[0] != count:
+            mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+            cached = self._mine[id(optimizer)] = (count, mine)
+        return cached[1]
+
+    @staticmethod
+    def _tensor_sq(plan: GradStatsPlan) -> Optional[torch.Tensor]:
+        """Squared norm of each of ``plan``'s gradients (0 where there is none): one ``_foreach_norm`` pass."""
+        have = [(k, local(p.grad)) for k, p in enumerate(plan.params) if p.grad is not None]
+        if not have:
+            return None
+        sq = torch.stack(torch._foreach_norm([g for _, g in have], 2)).float() ** 2
+        if len(have) == len(plan.params):
+            return sq
+        index = torch.tensor([k for k, _ in have], device=sq.device)
+        return torch.zeros(len(plan.params), device=sq.device).index_copy_(0, index, sq)
+
+    def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int) -> None:
+        """Remember, on the device, the first step with a NaN/Inf gradient and which layers had one, and the first
+        step with a gradient norm above ``exploding_hard_norm``, from each gradient's squared norm ``sq`` (a
+        handful of small ops; nothing crosses to the host until the next logging step). Each optimizer's
+        parameter set keeps its own flags, so several optimizers do not reset each other's record."""
+        dev = sq.device
         if self._nf_seen is None or self._nf_seen.device != dev:
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
             self._hard = torch.tensor([0.0, -1.0, 0.0, -1.0], device=dev)
             self._nf_flags, self._nf_index = {}, {}
-        flags = self._nf_flags.get(key)
-        if flags is None:
-            flags = torch.zeros(len(key), dtype=torch.bool, device=dev)
-        norms = torch.stack(torch._foreach_norm([local(g) for g, _ in pairs], 2)).float()
+        norms = sq.float().sqrt()
         bad = ~torch.isfinite(norms)
+        layer_bad = plan.per_group(bad.float(), "amax") > 0
+        flags = self._nf_flags.get(mine)
+        if flags is None:
+            flags = torch.zeros(len(mine), dtype=torch.bool, device=dev)
         first = bad.any() & ~self._nf_seen
-        self._nf_flags[key] = torch.where(first, bad, flags)
+        self._nf_flags[mine] = torch.where(first, layer_bad, flags)
         self._nf_step = torch.where(first, step, self._nf_step)
         self._nf_seen = self._nf_seen | first
         # a huge but finite gradient norm fires the exploding detector at once, even between logging steps
         big = torch.where(bad, torch.zeros_like(norms), norms)
         top, at = big.max(dim=0)
         new_hard = (top > self.exploding_hard_norm) & (self._hard[0] == 0)
-        if key not in self._nf_index:
-            self._nf_index[key] = torch.tensor(key, device=dev, dtype=torch.float32)
-        group = self._nf_index[key].index_select(0, at.reshape(1)).squeeze(0)  # no host read of `at`
+        if mine not in self._nf_index:  # parameter -> layer (global index), built once
+            self._nf_index[mine] = torch.tensor([float(mine[k]) for k in plan._group_index], device=dev)
+        group = self._nf_index[mine].index_select(0, at.reshape(1)).squeeze(0)  # no host read of `at`
         cand = torch.stack([torch.ones((), device=dev), torch.full((), float(step), device=dev), top, group])
         self._hard = torch.where(new_hard, cand, self._hard)
 
     def _track_loss(self, outputs: Any, step: int) -> None:
-        """Add this batch's training loss to the window sum, on the device (no host transfer)."""
+        """Keep this batch's training loss for the window (a detached scalar: no kernel, no host transfer)."""
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
-        loss = loss.detach().float().reshape(())
-        if self._loss_sum is None or self._loss_sum.device != loss.device:
-            self._loss_sum = torch.zeros((), device=loss.device)
-            self._loss_bad = torch.full((), -1.0, device=loss.device)
-            self._loss_n = 0
-        self._loss_sum = self._loss_sum + loss
-        self._loss_n += 1
-        fin = torch.isfinite(loss)
-        self._loss_bad = torch.where(~fin & (self._loss_bad < 0), torch.full_like(loss, float(step)), self._loss_bad)
+        self._losses.append(loss.detach().reshape(()))
+        self._loss_steps.append(step)
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._done:
+            self._drain(trainer)  # what the writer thread finished since: other loggers, detectors, heatmap
         if self.detect:
             self._track_loss(outputs, self._batch_step)
         if not self._grad:
@@ -426,26 +492,56 @@ class GradientMonitor(Callback):
         """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
         self._logging = False
         self._grad.clear()
-        self._before.clear()
-        self._acts.clear()
-        self._act_out.clear()
+        self._step_stats.clear()
+        self._trackers_used.clear()
+        self._act_acc.clear()
         self._act_hists.clear()
         self._remove_hooks()
 
+    def _flush_writer(self, trainer: "pl.Trainer") -> None:
+        """Wait for the writer thread and take in what it finished: nothing submitted is lost."""
+        if self._writer is not None:
+            self._writer.flush()
+        self._drain(trainer)
+
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._end_step()
+        try:
+            self._flush_writer(trainer)
+        finally:
+            flush(trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._end_step()
+        if self._writer is not None:
+            try:
+                self._flush_writer(trainer)
+            finally:
+                self._writer.close()
+                flush(trainer)
 
     def _finish_step(self, trainer: "pl.Trainer", step: int) -> None:
+        """Gather this logging step's device values (combining ranks under FSDP2), start their one copy to the
+        host and hand them to the writer thread. Nothing here waits for the device."""
         idx = sorted(self._grad)
         sub = [self.groups[i] for i in idx]
-        dev = self._grad[idx[0]].device
-        raw = torch.stack([self._grad[i] for i in idx]).to(dev)  # (layers, 5 sums + max)
-        wsq = weight_sq(sub, self._sharded).to(dev)
-        before = [t for i in idx for t in self._before[i]]
-        usq = update_sq(sub, before, self._sharded).to(dev)
+        pos = {gi: k for k, gi in enumerate(idx)}
+        dev = self._step_stats[0][1].device
+        n = len(idx)
+        raw = torch.zeros(n, 6, device=dev)
+        wsq = torch.zeros(n, device=dev)
+        usq = torch.zeros(2, n, device=dev)
+        measured = [False] * n
+        for todo, sums, maxes, tplan in self._step_stats:
+            at = self._positions(todo, pos, dev)
+            raw.index_copy_(0, at, torch.cat([sums, maxes[:, None]], dim=1).to(dev))
+            wsq.index_copy_(0, at, tplan.weight_sq().to(dev))  # after the optimizer step
+        for todo, tracker, _ in self._trackers_used:
+            at = self._positions(todo, pos, dev)
+            upd, was = tracker.finish()
+            usq.index_copy_(1, at, upd.to(dev))
+            for k, flag in enumerate(was.tolist()):  # a mask built on the host: no device read
+                measured[pos[todo[k]]] = measured[pos[todo[k]]] or flag
         nf_keys = list(self._nf_flags)  # one flag vector per optimizer's parameter set, in _pending's order
         nf_layers = (torch.cat([self._nf_flags[k].float().to(dev) for k in nf_keys]) if nf_keys
                      else torch.zeros(0, device=dev))
@@ -453,7 +549,6 @@ class GradientMonitor(Callback):
         if self._nf_seen is not None and self._nf_step is not None:  # first NaN step over ranks: max of -step
             nf_max = [self._nf_seen.float().reshape(1),
                       torch.where(self._nf_seen, -self._nf_step.float(), torch.full((), -1e18, device=dev)).reshape(1)]
-        n = len(idx)
         # under FSDP2 every rank holds shards: one collective combines sums and maxima of all of them
         sums, maxes = reduce_sum_max(
             torch.cat([raw[:, :5].flatten(), wsq, usq.flatten()]),
@@ -462,57 +557,99 @@ class GradientMonitor(Callback):
         grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
         wnorm = sums[5 * n : 6 * n].sqrt()
         ratio = update_ratios_from(sums[6 * n :].view(2, n))
-        self._reduce_activations()
-        act_idx = [i for i in idx if self._acts.get(i) is not None]
-        acts = torch.stack([self._acts[i].to(dev) for i in act_idx]) if act_idx else torch.zeros(0, device=dev)
+        act_idx, acts = self._act_acc.finish(dev, only=set(idx))
         hard, loss, _, _, _ = self._pending(dev)
         nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
         nf_layers = maxes[n + len(nf_max) :]
         hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
-        host = to_host(grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists)  # the one device → host transfer
+        tensors = [grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists]
+        ctx = _StepContext(step, idx, sub, act_idx, measured, nf_keys, len(nf), hist_tags)
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+        self._writer.submit(tensors, lambda host: self._write(trainer, ctx, host))  # one device → host transfer
+
+    def _positions(self, todo: tuple[int, ...], pos: dict[int, int], dev: torch.device) -> torch.Tensor:
+        key = (todo, tuple(pos[gi] for gi in todo), str(dev))
+        at = self._pos_cache.get(key)
+        if at is None:
+            at = self._pos_cache[key] = torch.tensor(key[1], dtype=torch.long, device=dev)
+        return at
+
+    def _tags(self, i: int) -> tuple[list[str], str, str, str, list[str]]:
+        """Layer ``i``'s scalar tags, made once."""
+        tags = self._tag_cache.get(i)
+        if tags is None:
+            name = self.groups[i].name
+            tags = self._tag_cache[i] = ([f"{s}/{name}" for s in GRAD_STATS], f"log10_grad_norm/{name}",
+                                         f"weight_norm/{name}", f"update_ratio/{name}", [f"{s}/{name}" for s in ACT_STATS])
+        return tags
+
+    def _write(self, trainer: "pl.Trainer", ctx: "_StepContext", host: list[list[float]]) -> None:
+        """On the writer thread: format this logging step's values and write them to TensorBoard; queue the
+        rest (other loggers, detectors, heatmap) for the training thread."""
         grad_h, wnorm_h, ratio_h, acts_h, hard_h, loss_h = host[:6]
-        nf_h = host[6 : 6 + len(nf)]
-        nf_layers_h = host[6 + len(nf)]
-        hist_h = host[7 + len(nf) :]
-        k = len(GRAD_STATS)
-        metrics: dict[str, float] = {}
+        nf_h = host[6 : 6 + ctx.n_nf]
+        nf_layers_h = host[6 + ctx.n_nf]
+        hist_h = host[7 + ctx.n_nf :]
+        k, ka = len(GRAD_STATS), len(ACT_STATS)
+        tags: list[str] = []
+        values: list[float] = []
         rows: list[LayerRow] = []
-        act_rows = {i: acts_h[j * len(ACT_STATS) : (j + 1) * len(ACT_STATS)] for j, i in enumerate(act_idx)}
-        for j, (i, g) in enumerate(zip(idx, sub)):
-            values = grad_h[j * k : (j + 1) * k]
-            for name, v in zip(GRAD_STATS, values):
-                metrics[f"{name}/{g.name}"] = v
-            metrics[f"log10_grad_norm/{g.name}"] = math.log10(values[0]) if 0 < values[0] < math.inf else (
-                -30.0 if values[0] == 0 else float("nan"))
-            metrics[f"weight_norm/{g.name}"] = wnorm_h[j]
-            metrics[f"update_ratio/{g.name}"] = ratio_h[j]
-            a = act_rows.get(i)
-            if a is not None:
-                for name, v in zip(ACT_STATS, a):
-                    metrics[f"{name}/{g.name}"] = v
+        act_at = {i: j for j, i in enumerate(ctx.act_idx)}
+        log10 = math.log10
+        for j, (i, g) in enumerate(zip(ctx.idx, ctx.sub)):
+            grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
+            gv = grad_h[j * k : (j + 1) * k]
+            norm = gv[0]
+            tags += grad_tags
+            values += gv
+            tags.append(log_tag)
+            values.append(log10(norm) if 0 < norm < math.inf else (-30.0 if norm == 0 else math.nan))
+            tags.append(w_tag)
+            values.append(wnorm_h[j])
+            if ctx.measured[j]:
+                tags.append(r_tag)
+                values.append(ratio_h[j])
+                self._ratios[i] = ratio_h[j]
+            ja = act_at.get(i)
+            a = None
+            if ja is not None:
+                a = acts_h[ja * ka : (ja + 1) * ka]
+                tags += act_tags
+                values += a
             dead = a[2] if a is not None and g.activation in ("relu", "relu6") else None
             sat = a[3] if a is not None and g.activation in ("sigmoid", "tanh") else None
             act_ok = None if a is None else (math.isfinite(a[0]) and math.isfinite(a[1]))
-            rows.append(LayerRow(g.name, g.label(), g.activation, values[0], values[5], dead, sat,
-                                 _is_compute(g), ratio_h[j], act_ok))
+            rows.append(LayerRow(g.name, g.label(), g.activation, norm, gv[5], dead, sat,
+                                 _is_compute(g), self._ratios.get(i), act_ok))
         norms = [r.grad_norm for r in rows]
         total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
-        weighted = [r.grad_norm for r, g in zip(rows, sub) if g.info is not None]
+        weighted = [r.grad_norm for r, g in zip(rows, ctx.sub) if g.info is not None]
         flow = weighted[0] / weighted[-1] if len(weighted) > 1 and weighted[-1] > 0 else float("nan")
-        metrics["gradguard/grad_norm_total"] = total
-        metrics["gradguard/flow_ratio"] = flow
-        metrics["gradguard/nonfinite_total"] = sum(r.grad_nonfinite for r in rows)
-        log_metrics(trainer, metrics, step)
-        for tag, values in zip(hist_tags, hist_h):
-            log_histogram(trainer, tag, values, step)
-        pic = [j for j, g in enumerate(sub) if g.info is not None] or list(range(len(sub)))  # weighted layers
-        self._last_norms, self._last_names = [norms[j] for j in pic], [sub[j].name for j in pic]
-        self._history = (self._history + [self._last_norms])[-10:]
-        self._add_column(step, {sub[j].name: norms[j] for j in pic}, {sub[j].name: ratio_h[j] for j in pic})
-        if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
-            self._draw(trainer, step)
-        if self.detect:
-            self._detect(trainer, step, rows, total, hard_h, loss_h, nf_h, nf_keys, nf_layers_h)
+        tags += ["gradguard/grad_norm_total", "gradguard/flow_ratio", "gradguard/nonfinite_total"]
+        values += [total, flow, sum(r.grad_nonfinite for r in rows)]
+        metrics = dict(zip(tags, values))
+        log_metrics(trainer, metrics, ctx.step, loggers="tensorboard")
+        for tag, hv in zip(ctx.hist_tags, hist_h):
+            log_histogram(trainer, tag, hv, ctx.step)
+        self._done.append((ctx, metrics, rows, total, norms, hard_h, loss_h, nf_h, nf_layers_h))
+
+    def _drain(self, trainer: "pl.Trainer") -> None:
+        """On the training thread: what the writer thread finished (in order): the scalars for loggers other than
+        TensorBoard, the heatmap column and picture, and the health detectors."""
+        while self._done:
+            ctx, metrics, rows, total, norms, hard_h, loss_h, nf_h, nf_layers_h = self._done.popleft()
+            log_metrics(trainer, metrics, ctx.step, loggers="others")
+            sub = ctx.sub
+            pic = [j for j, g in enumerate(sub) if g.info is not None] or list(range(len(sub)))  # weighted layers
+            self._last_norms, self._last_names = [norms[j] for j in pic], [sub[j].name for j in pic]
+            self._history = (self._history + [self._last_norms])[-10:]
+            ratios = {sub[j].name: rows[j].update_ratio for j in pic if rows[j].update_ratio is not None}
+            self._add_column(ctx.step, {sub[j].name: norms[j] for j in pic}, ratios)
+            if self.figure_every_n_steps and ctx.step % self.figure_every_n_steps == 0:
+                self._draw(trainer, ctx.step)
+            if self.detect:
+                self._detect(trainer, ctx.step, rows, total, hard_h, loss_h, nf_h, ctx.nf_keys, nf_layers_h)
 
     def _pending(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[tuple], torch.Tensor]:
         """The device-side records the every-step checks kept since the last logging step (not yet on the host)."""
@@ -524,18 +661,22 @@ class GradientMonitor(Callback):
         if self._input_std is not None:
             hard = torch.cat([hard, self._input_std.to(dev).reshape(1)])
             self._input_std = None
-        if self._loss_sum is not None and self._loss_n:
-            loss = torch.stack([self._loss_sum.to(dev) / self._loss_n, self._loss_bad.to(dev),
-                                torch.full((), float(self._loss_n), device=dev)])
+        if self._losses:
+            v = torch.stack([t.to(dev) for t in self._losses]).float()
+            bad = ~torch.isfinite(v)
+            steps = torch.tensor(self._loss_steps, dtype=torch.float32, device=dev)
+            first = steps.index_select(0, bad.int().argmax().reshape(1))[0]  # the first non-finite loss's step
+            loss = torch.stack([v.mean(), torch.where(bad.any(), first, torch.full_like(first, -1.0)),
+                                torch.full((), float(len(self._losses)), device=dev)])
         else:
             loss = torch.zeros(0, device=dev)
-        self._loss_sum, self._loss_n = None, 0  # next window
+        self._losses, self._loss_steps = [], []  # next window
         return hard, loss, nf, nf_keys, nf_layers
 
     def _flush_pending(self, trainer: "pl.Trainer") -> None:
         """At the end of fit: report what happened after the last logging step (a NaN at step 1 of a run logged
         every 50 steps, the last loss window), in one transfer."""
-        dev = next((t.device for t in (self._nf_seen, self._loss_sum) if t is not None), None)
+        dev = next((t.device for t in (self._nf_seen, *self._losses[:1]) if t is not None), None)
         if dev is None:
             return
         hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
@@ -622,6 +763,7 @@ class GradientMonitor(Callback):
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_hooks()
+        self._flush_writer(trainer)  # every logging step written and taken in before the summary
         self._draw(trainer, trainer.global_step)
         if self.detect:
             self._flush_pending(trainer)

@@ -34,7 +34,7 @@ CONSTRUCTORS = [
     (GradientClipping, {"history_size": 0}, ["history_size=0", ">= 1"]),
     # GradientMonitor
     (GradientMonitor, {"log_every_n_steps": 0}, ["log_every_n_steps=0", ">= 1"]),
-    (GradientMonitor, {"nonfinite_check": "always"}, ["nonfinite_check='always'", "every_step, logging_steps"]),
+    (GradientMonitor, {"nonfinite_check": "always"}, ["nonfinite_check='always'", "auto, every_step, logging_steps"]),
     (GradientMonitor, {"vanishing_ratio": 2.0}, ["vanishing_ratio=2.0", "<= 1.0"]),
     (GradientMonitor, {"patience": "3"}, ["patience='3'", "integer"]),
     (GradientMonitor, {"histogram_bins": 1}, ["histogram_bins=1", ">= 2"]),

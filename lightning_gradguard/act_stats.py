@@ -1,0 +1,116 @@
+"""Activation statistics reduced as each output arrives, finished for all layers in a few kernels.
+
+A forward hook hands each layer's activation output to :meth:`ActivationAccumulator.add`, which keeps only
+what the statistics need and lets the output go at once (memory stays bounded: no output is held until the
+end of the step, no float32 stack of all of them):
+
+- ``std_mean`` of the output (two scalars, one kernel);
+- ReLU family: the count of non-zero values per unit over every other dim (``count_nonzero`` with a dim
+  tuple, one kernel, no copy even for channel-first convolutions): a vector of ``units`` values;
+- sigmoid/tanh: the count of values within ``eps`` of a bound (three small kernels).
+
+:meth:`ActivationAccumulator.finish` turns them into the ``ACT_STATS`` rows of all layers at once (a stack,
+one ``cat`` of the count vectors, one ``index_add_`` over layers with an index kept between steps).
+
+Columns (:data:`lightning_gradguard.stats.ACT_STATS`): mean, std (population), fraction of dead units (a
+ReLU-family unit whose output is 0 for every sample and position of the batch), fraction of saturated values.
+
+Example:
+    >>> acc = ActivationAccumulator()
+    >>> acc.add(0, torch.tensor([[0.0, 1.0], [0.0, 3.0]]), "relu", unit_dim=-1)
+    >>> layers, rows = acc.finish(torch.device("cpu"))
+    >>> layers, rows[0, 2].item()          # unit 0 is 0 for the whole batch: half the units are dead
+    ([0], 0.5)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
+
+
+class ActivationAccumulator:
+    """Per-layer activation statistics of one step, reduced as the outputs arrive (see the module docstring)."""
+
+    def __init__(self, eps: float = 0.01) -> None:
+        self.eps = float(eps)
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nonzero: dict[int, torch.Tensor] = {}
+        self._saturated: dict[int, tuple[torch.Tensor, int]] = {}
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self._moments
+
+    def __len__(self) -> int:
+        return len(self._moments)
+
+    def clear(self) -> None:
+        """Forget this step's values (the index buffers are kept)."""
+        self._moments.clear()
+        self._nonzero.clear()
+        self._saturated.clear()
+
+    def add(self, layer: int, out: torch.Tensor, activation: Optional[str], unit_dim: int) -> None:
+        """Reduce ``out`` (layer ``layer``'s activation output; units along ``unit_dim``) into this step's record."""
+        x = out.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if x.numel() > 1:
+            std, mean = torch.std_mean(x, correction=0)
+        else:
+            mean = x.reshape(-1).sum() if x.numel() else torch.zeros((), device=x.device)
+            std = torch.zeros_like(mean)
+        nonzero = saturated = None
+        if activation in RELU_FAMILY and x.dim() >= 2:
+            units = unit_dim % x.dim()
+            nonzero = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != units))
+        if activation in SATURATING_BOUNDS:
+            lo, hi = SATURATING_BOUNDS[activation]
+            saturated = (((x <= lo + self.eps) | (x >= hi - self.eps)).sum(), x.numel())
+        self._moments[layer] = (mean, std)
+        if nonzero is not None:
+            self._nonzero[layer] = nonzero
+        if saturated is not None:
+            self._saturated[layer] = saturated
+
+    def finish(self, device: torch.device, only: Optional[set[int]] = None) -> tuple[list[int], torch.Tensor]:
+        """(layers in ascending order, ``(layers, 4)`` float32 rows on ``device``) of the layers recorded
+        (those in ``only`` when given)."""
+        layers = sorted(k for k in self._moments if only is None or k in only)
+        n = len(layers)
+        if not n:
+            return [], torch.zeros(0, 4, device=device)
+        mom = torch.stack([t.to(device, torch.float32) for k in layers for t in self._moments[k]]).view(n, 2)
+        dead = torch.zeros(n, device=device)
+        relu = [k for k in layers if k in self._nonzero]
+        if relu:
+            pos = {k: j for j, k in enumerate(layers)}
+            key = (tuple(relu), tuple(pos[k] for k in relu), tuple(self._nonzero[k].numel() for k in relu), str(device))
+            cached = self._index.get(key)
+            if cached is None:
+                if len(self._index) > 32:
+                    self._index.clear()
+                seg = torch.tensor([j for j, k in enumerate(relu) for _ in range(self._nonzero[k].numel())],
+                                   dtype=torch.long, device=device)
+                units = torch.tensor([float(self._nonzero[k].numel()) for k in relu], device=device)
+                cached = self._index[key] = (seg, units)
+            seg, units = cached
+            counts = torch.cat([self._nonzero[k].to(device) for k in relu])
+            dead_units = torch.zeros(len(relu), device=device).index_add_(0, seg, (counts == 0).float())
+            at = torch.tensor(key[1], dtype=torch.long, device=device) if len(relu) != n else None
+            frac = dead_units / units
+            dead = frac if at is None else dead.index_copy_(0, at, frac)
+        sat = torch.zeros(n, device=device)
+        tanh = [(j, k) for j, k in enumerate(layers) if k in self._saturated]
+        if tanh:
+            counts = torch.stack([self._saturated[k][0].to(device, torch.float32) for _, k in tanh])
+            sizes = torch.tensor([float(self._saturated[k][1]) for _, k in tanh], device=device)
+            sat.index_copy_(0, torch.tensor([j for j, _ in tanh], dtype=torch.long, device=device), counts / sizes)
+        return layers, torch.stack([mom[:, 0], mom[:, 1], dead, sat], dim=1)
+
+
+__all__ = ["ActivationAccumulator"]

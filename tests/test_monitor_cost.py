@@ -1,0 +1,181 @@
+"""GradientMonitor + GradientClipping at low cost: the background writer loses nothing, one read of the
+gradients per step for both, per-layer statistics when one activation module is shared, the loss-gated
+non-finite check, and (on a GPU) no host sync in 200 steps."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradientClipping, GradientMonitor
+from lightning_gradguard.doctor import probe
+from lightning_gradguard.report import finding_lines
+from lightning_gradguard.shared_norms import step_norms_for
+from tests.helpers import load_events, read_texts
+
+
+class SharedReLU(pl.LightningModule):
+    """One ``nn.ReLU`` module after three layers. Zero weights make each layer's output its bias: ``l1`` has no
+    dead unit, ``l2`` 6 of 8, ``l3`` 4 of 8."""
+
+    def __init__(self, lr: float = 1e-9):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+        self.act = nn.ReLU()
+        self.lr = lr
+        with torch.no_grad():
+            for layer in (self.l1, self.l2, self.l3):
+                layer.weight.zero_()
+                layer.bias.fill_(1.0)
+            self.l2.bias[:6] = -1.0  # 6 of 8 units dead
+            self.l3.bias[:4] = -1.0  # 4 of 8 units dead
+
+    def forward(self, x):
+        return self.out(self.act(self.l3(self.act(self.l2(self.act(self.l1(x)))))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _data(n: int = 64, features: int = 8):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, 2, (n,), generator=g)),
+                      batch_size=8)
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    opts = dict(max_steps=3, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=callbacks, log_every_n_steps=1,
+                logger=TensorBoardLogger(tmp_path, name="tb"))
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def _scalar(events, tag, step):
+    return next(e.value for e in events.Scalars(tag) if e.step == step)
+
+
+def test_a_shared_relu_module_gives_each_layer_its_own_dead_fraction(tmp_path):
+    model = SharedReLU()
+    trainer = _trainer(tmp_path, [GradientMonitor(warn=False)], max_steps=2)
+    trainer.fit(model, train_dataloaders=_data())
+    events = load_events(trainer.logger.log_dir)
+    for step in (0, 1):
+        assert _scalar(events, "act_dead_frac/l1", step) == 0.0
+        assert _scalar(events, "act_dead_frac/l2", step) == 0.75
+        assert _scalar(events, "act_dead_frac/l3", step) == 0.5
+    # GradGuard's probe sees the same, per layer
+    batches = list(_data())[:2]
+    found = probe(model, batches, lambda m, b, i: F.cross_entropy(m(b[0]), b[1]))
+    assert found.dead == {"l1": 0.0, "l2": 0.75, "l3": 0.5}
+
+
+class SlowWrites(GradientMonitor):
+    """A monitor whose writer thread is slow: the training thread runs far ahead of it."""
+
+    def _write(self, trainer, ctx, host):
+        import time
+
+        time.sleep(0.02)
+        super()._write(trainer, ctx, host)
+
+
+def test_the_writer_thread_loses_nothing_at_fit_end_and_on_an_exception(tmp_path):
+    trainer = _trainer(tmp_path / "a", [SlowWrites(histogram_every_n_steps=5, warn=False)], max_steps=25)
+    trainer.fit(SharedReLU(), train_dataloaders=_data(256))
+    events = load_events(trainer.logger.log_dir)
+    assert [e.step for e in events.Scalars("grad_norm/l2")] == list(range(25))
+    assert [e.step for e in events.Histograms("hist_grad/l2/weight")] == [0, 5, 10, 15, 20]
+    assert all(t.name != "gradguard-writer" for t in __import__("threading").enumerate())  # joined at teardown
+
+    class Boom(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 12:
+                raise RuntimeError("boom")
+
+    trainer = _trainer(tmp_path / "b", [SlowWrites(warn=False), Boom()], max_steps=25)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(SharedReLU(), train_dataloaders=_data(256))
+    events = load_events(trainer.logger.log_dir)
+    assert [e.step for e in events.Scalars("grad_norm/l2")] == list(range(12))
+
+
+def test_monitor_and_clipping_read_the_gradients_once_per_step(tmp_path, monkeypatch):
+    reads: list[int] = []
+    real = torch._foreach_norm
+    model = SharedReLU(lr=0.01)
+    grads = lambda: {id(p.grad) for p in model.parameters() if p.grad is not None}  # noqa: E731
+
+    def counting(tensors, *args, **kwargs):
+        if any(id(t) in grads() for t in tensors):
+            reads.append(1)
+        return real(tensors, *args, **kwargs)
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            reads.clear()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            per_step.append(len(reads))
+
+    per_step: list[int] = []
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    monitor = GradientMonitor(log_every_n_steps=2, nonfinite_check="every_step", warn=False)
+    trainer = _trainer(tmp_path, [Count(), monitor, GradientClipping("norm", threshold=0.5)], max_steps=6)
+    trainer.fit(model, train_dataloaders=_data())
+    # logging steps: the monitor's statistics (packed, no _foreach_norm) serve clipping; other steps: one pass
+    assert per_step == [0, 1, 0, 1, 0, 1]
+    assert step_norms_for(trainer).hits == 6
+    events = load_events(trainer.logger.log_dir)
+    # clipping used the monitor's norms: its norm_before equals the monitor's total at a logging step
+    assert _scalar(events, "gradguard/clip/norm_before", 2) == pytest.approx(
+        _scalar(events, "gradguard/grad_norm_total", 2), rel=1e-5)
+
+
+class NaNLossAt(SharedReLU):
+    """The loss is NaN at step 2 (every gradient follows)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 2 else loss
+
+
+def test_auto_check_names_the_step_whose_loss_turned_nonfinite_between_logging_steps(tmp_path):
+    trainer = _trainer(tmp_path, [GradientMonitor(log_every_n_steps=50, warn=False)], max_steps=5)
+    trainer.fit(NaNLossAt(), train_dataloaders=_data())
+    texts = [t for t in finding_lines(read_texts(load_events(trainer.logger.log_dir), "gradguard/findings"))
+             if "[nonfinite]" in t]
+    assert len(texts) == 1 and "step 2:" in texts[0], texts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(tmp_path):  # pragma: no cover
+    class Guard(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:  # after the first steps (optimizer state and plans are built)
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    monitor = GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, detect=False, warn=False)
+    clip = GradientClipping("percentile", warmup_steps=3, on_nonfinite="skip")
+    trainer = pl.Trainer(max_steps=205, accelerator="gpu", devices=1, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1000,
+                         callbacks=[Guard(), monitor, clip], logger=TensorBoardLogger(tmp_path, name="tb"))
+    try:
+        trainer.fit(SharedReLU(lr=0.01), train_dataloaders=_data(205 * 8))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    events = load_events(trainer.logger.log_dir)
+    assert len(events.Scalars("grad_norm/l2")) == 205
