@@ -8,7 +8,8 @@ without Lightning calls :func:`probe` and :func:`decide` directly.
 How it decides:
 
 1. **Candidates.** Every combination of the remedies that are ``auto`` (init ``auto``; BatchNorm before each
-   activation; activation replacement, sigmoid/tanh to ``saturating_target`` and ReLU to ``dead_target``,
+   activation; activation replacement, sigmoid/tanh to ``saturating_target`` and the ReLU family (ReLU,
+   ReLU6, LeakyReLU and the smooth GELU, SiLU, Mish, Hardswish) to ``dead_target``,
    when the model has such activations), the ``force`` ones in every set, the ``off`` ones in none. No
    statistic removes a candidate: BatchNorm is a candidate even when the gradient flow looks balanced.
 2. **Order.** The budget may not cover every set. They are raced in this order: no remedy (the reference),
@@ -313,11 +314,17 @@ def beats(b: Sequence[float], a: Sequence[float], z: float, margin: float) -> bo
     return mean < -z * se and mean < -margin * abs(_mean(a))
 
 
+#: ReLU relatives that activation replacement maps to ``dead_target`` along with :data:`RELU_FAMILY`
+SMOOTH_RELUS = ("leaky_relu", "gelu", "silu", "mish", "hardswish")
+
+
 def activation_mapping(probe_: Probe, options: DoctorOptions) -> dict[str, str]:
     """The replacement for each activation of the model that activation replacement can improve."""
     present = {a for a in probe_.activations.values() if a}
     mapping = {a: options.saturating_target for a in SATURATING_BOUNDS if a in present}
-    mapping.update({a: options.dead_target for a in (*RELU_FAMILY, "leaky_relu") if a in present})
+    # the ReLU family and its smooth relatives (GELU, SiLU, Mish, Hardswish) pass almost nothing for negative
+    # inputs, so a deep stack of them can die like ReLU; ELU keeps a negative branch with gradient
+    mapping.update({a: options.dead_target for a in (*RELU_FAMILY, *SMOOTH_RELUS) if a in present})
     return {k: v for k, v in mapping.items() if k != v}
 
 

@@ -123,7 +123,8 @@ class GradGuard(Callback):
             ``init="force"`` re-initializes them too (``WeightInitialization(force=True)``).
         monitor: add a ``GradientMonitor`` (skipped when the Trainer already has one).
         architecture_changes: allow inserting layers and swapping activations.
-        saturating_target, dead_target: replacements for sigmoid/tanh and for ReLU / LeakyReLU (ELU for both by
+        saturating_target, dead_target: replacements for sigmoid/tanh and for the ReLU family (ReLU, ReLU6,
+            LeakyReLU and the smooth GELU, SiLU, Mish, Hardswish; ELU for both by
             default: on the zoo, ELU trained the deep ReLU nets that LeakyReLU did not).
         clip_algorithm: the clipping applied when clipping is on: ``percentile`` (AutoClip), ``norm``,
             ``value``, ``agc`` or ``zscore`` (ZClip), with :data:`lightning_gradguard.doctor.CLIP_DEFAULTS`.
