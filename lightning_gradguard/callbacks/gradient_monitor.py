@@ -58,7 +58,7 @@ class GradientMonitor(Callback):
     (the module owning the parameters; ``per_parameter=True`` for one row per parameter):
     ``grad_norm``, ``grad_mean``, ``grad_std``, ``grad_max`` (max |g|), ``grad_zero_frac``,
     ``grad_nonfinite``, ``weight_norm`` (after the step), ``update_ratio`` (‖Δw‖/‖w‖ of that optimizer step,
-    ‖w‖ before it) and, from
+    ‖w‖ before it; measured for a rotating subset of layers per logging step, see Memory) and, from
     forward hooks attached for that step's forward only, ``act_mean``, ``act_std``, ``act_dead_frac``
     (ReLU units at 0 for the whole batch), ``act_saturated_frac`` (sigmoid/tanh within ``saturation_eps``
     of a bound). Tags are ``<statistic>/<layer>`` (one TensorBoard section per statistic, one chart per
@@ -74,14 +74,29 @@ class GradientMonitor(Callback):
     ``gradguard/findings`` (step, layer, kind, finding, what to do; see :mod:`lightning_gradguard.health`;
     each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
-    Memory: on a logging step the hooks keep references to the observed activation outputs (no copies)
-    until the step ends, where they are reduced together, same-shaped layers in one batch.
+    Memory (``memory_fraction``, default 0.1): a logging step allocates at most about ``memory_fraction`` of
+    the parameters' memory (at least 16 KiB) plus a few values per layer. The gradient statistics reduce
+    small gradients in a packed buffer of that size and large ones where they lie
+    (:class:`~lightning_gradguard.stats.GradStatsPlan`); the update ratio copies only the next layers in
+    forward order that fit in that budget before the optimizer step (:class:`~lightning_gradguard.stats.UpdateTracker`),
+    so each layer's ``update_ratio`` is logged every ``≈ 1/memory_fraction`` logging steps (every logging step
+    with ``memory_fraction=1.0``, or for a model under 4096 parameters), exactly, never estimated; between
+    its measurements the detectors use a layer's last measured ratio. Activation outputs are reduced as
+    they arrive (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): no output is kept.
 
-    Cost: a step that logs nothing only compares a counter (plus, with ``nonfinite_check="every_step"``,
-    one batched norm whose result stays on the device). A logging step uses batched reductions and moves
-    everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
-    unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
-    before ``GradientClipping`` in the callback list to see the gradients before clipping.
+    Cost: a step that logs nothing compares a counter and keeps a reference to the loss (plus the
+    non-finite check, see ``nonfinite_check``). A logging step computes every statistic in a number of
+    kernels that does not grow with the number of layers (per chunk, not per parameter), gathers all
+    values into one vector and starts its copy to the host without waiting (pinned memory and a CUDA
+    event on a GPU); a background thread waits for the copy, formats the scalars and writes the
+    TensorBoard event, so the training thread never waits for the device. Other loggers, the detectors
+    and the heatmap take the values on the training thread at a later step. The writer is flushed (nothing
+    lost) at the end of fit, on an exception and at teardown. Gradients are read in
+    ``on_before_optimizer_step`` — final, unscaled by AMP, reduced by DDP, once per optimizer step under
+    accumulation. Put ``GradientMonitor`` before ``GradientClipping`` in the callback list to see the
+    gradients before clipping; on the same Trainer the two share one read of the gradients per step
+    (:mod:`lightning_gradguard.shared_norms`): on a logging step clipping uses the monitor's statistics,
+    and the monitor's every-step check uses the norms clipping computes (or publishes its own for it).
 
     Several processes: scalars are written once, by global rank 0. Under FSDP2 (``ModelParallelStrategy``,
     ``DTensor`` shards) the gradient, weight and update statistics are those of the full (unsharded)
@@ -96,13 +111,26 @@ class GradientMonitor(Callback):
         activation_stats: attach forward hooks on logging steps.
         histogram_every_n_steps: 0 turns histograms off.
         figure_every_n_steps: 0 draws the gradient-flow figure only at the end of fit.
-        nonfinite_check: ``every_step`` (remember the first step with NaN/Inf gradients and its layers,
-            on the device) or ``logging_steps`` (only look on logging steps).
+        nonfinite_check: which steps are checked for NaN/Inf gradients between logging steps (logging steps
+            always are). ``every_step``: every step, from each gradient's norm (one ``_foreach_norm`` pass,
+            free when ``GradientClipping`` on the same Trainer computed them); the finding names the first
+            step with a non-finite gradient and every layer with one at that step. ``auto`` (default): the
+            norms clipping computed when it runs before the monitor or on a logging step (then exactly as
+            ``every_step``); otherwise, on the CPU, the loss passed to backward is tested every step
+            (reading it waits for no device) and the gradients are looked at only when it is non-finite:
+            the finding names the first step whose loss was non-finite and the layers with non-finite
+            gradients at that step (a NaN born in backward with a finite loss is named at the next step whose
+            loss is non-finite, or at the next logging step); on an accelerator, each gradient's norm in one
+            fused pass, kept on the device (as ``every_step``). ``logging_steps``: only logging steps. The
+            record stays on the device and crosses to the host with the next logging step (or at the end of
+            fit).
+        memory_fraction: the most extra memory of a logging step, as a fraction of the parameters' memory
+            (see Memory); 1.0 measures every layer's update ratio at every logging step.
         detect: run the health detectors (:mod:`lightning_gradguard.health`); their thresholds are the
             remaining arguments: ``exploding_hard_norm`` fires at once (also between logging steps, from the
             every-step check); ``progress_min_steps``, ``min_loss_drop``, ``oscillation_rate``,
             ``oscillation_amplitude`` drive the training-progress findings, read from the loss that
-            ``training_step`` returns (summed on the device each step, read on logging steps);
+            ``training_step`` returns (kept as detached scalars each step, reduced and read on logging steps);
             ``update_ratio_high``/``update_ratio_low`` bound the median / largest ‖Δw‖/‖w‖;
             ``input_std_max`` flags unnormalized inputs. What happened after the last logging step is
             reported at the end of fit.
