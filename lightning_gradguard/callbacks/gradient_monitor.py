@@ -119,8 +119,11 @@ class GradientMonitor(Callback):
             ``every_step``); otherwise, on the CPU, the loss passed to backward is tested every step
             (reading it waits for no device) and the gradients are looked at only when it is non-finite:
             the finding names the first step whose loss was non-finite and the layers with non-finite
-            gradients at that step (a NaN born in backward with a finite loss is named at the next step whose
-            loss is non-finite, or at the next logging step); on an accelerator, each gradient's norm in one
+            gradients at that step, except when some weights are already non-finite then: they got it from
+            the previous step's update, so that previous step and the layers with non-finite weights are
+            named (a NaN born in backward under a finite loss, carried into the weights by the optimizer); a
+            NaN that never reaches the loss or the weights (the step skipped, the gradients repaired) is only
+            seen on a logging step; on an accelerator, each gradient's norm in one
             fused pass, kept on the device (as ``every_step``). ``logging_steps``: only logging steps. The
             record stays on the device and crosses to the host with the next logging step (or at the end of
             fit).
@@ -435,6 +438,14 @@ class GradientMonitor(Callback):
             cheap = self.nonfinite_check == "auto" and loss_bad is not None  # CPU: a host read waits for nothing
             if cheap and not loss_bad:
                 return  # the loss is finite: gradients are looked at on logging steps
+            if cheap and step > 0 and not (self._nf_seen is not None and bool(self._nf_seen)):
+                # the loss just turned non-finite. Weights that are non-finite now got it from the previous
+                # step's update, i.e. from that step's gradients (a NaN born in backward under a finite loss):
+                # name that step and those layers
+                wsq = self._tensor_sq(plan, weights=True)
+                if wsq is not None and not bool(torch.isfinite(wsq).all()):
+                    self._track_nonfinite(tuple(mine), plan, wsq, step - 1, hard=False)
+                    return
             sq = self._tensor_sq(plan)
             if sq is None:
                 return
@@ -451,9 +462,13 @@ class GradientMonitor(Callback):
         return cached[1]
 
     @staticmethod
-    def _tensor_sq(plan: GradStatsPlan) -> Optional[torch.Tensor]:
-        """Squared norm of each of ``plan``'s gradients (0 where there is none): one ``_foreach_norm`` pass."""
-        have = [(k, local(p.grad)) for k, p in enumerate(plan.params) if p.grad is not None]
+    def _tensor_sq(plan: GradStatsPlan, weights: bool = False) -> Optional[torch.Tensor]:
+        """Squared norm of each of ``plan``'s gradients (0 where there is none), or of its parameters with
+        ``weights=True``: one ``_foreach_norm`` pass."""
+        if weights:
+            have = [(k, local(p.detach())) for k, p in enumerate(plan.params)]
+        else:
+            have = [(k, local(p.grad)) for k, p in enumerate(plan.params) if p.grad is not None]
         if not have:
             return None
         sq = torch.stack(torch._foreach_norm([g for _, g in have], 2)).float() ** 2
@@ -462,7 +477,8 @@ class GradientMonitor(Callback):
         index = torch.tensor([k for k, _ in have], device=sq.device)
         return torch.zeros(len(plan.params), device=sq.device).index_copy_(0, index, sq)
 
-    def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int) -> None:
+    def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int,
+                         hard: bool = True) -> None:
         """Remember, on the device, the first step with a NaN/Inf gradient and which layers had one, and the first
         step with a gradient norm above ``exploding_hard_norm``, from each gradient's squared norm ``sq`` (a
         handful of small ops; nothing crosses to the host until the next logging step). Each optimizer's
@@ -483,6 +499,8 @@ class GradientMonitor(Callback):
         self._nf_flags[mine] = torch.where(first, layer_bad, flags)
         self._nf_step = torch.where(first, step, self._nf_step)
         self._nf_seen = self._nf_seen | first
+        if not hard:  # ``sq`` holds weight norms: no exploding-gradient check
+            return
         # a huge but finite gradient norm fires the exploding detector at once, even between logging steps
         big = torch.where(bad, torch.zeros_like(norms), norms)
         top, at = big.max(dim=0)
