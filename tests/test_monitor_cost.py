@@ -179,3 +179,29 @@ def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(t
         torch.cuda.set_sync_debug_mode("default")
     events = load_events(trainer.logger.log_dir)
     assert len(events.Scalars("grad_norm/l2")) == 205
+
+
+@pytest.mark.parametrize("activation, shape, unit_dim", [
+    ("relu", (16, 8), -1), ("relu", (3, 4, 5, 5), 1), ("relu6", (2, 7, 3), -1), ("sigmoid", (4, 6, 5), -1),
+    ("tanh", (10, 3), -1), ("linear", (1,), -1),
+])
+def test_activation_accumulator_equals_the_one_layer_reference(activation, shape, unit_dim):
+    from lightning_gradguard.act_stats import ActivationAccumulator
+    from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
+    from lightning_gradguard.stats import activation_statistics
+
+    g = torch.Generator().manual_seed(0)
+    fn = ACTIVATION_FUNCTIONS.get(activation, lambda t: t)
+    outs = [fn(torch.randn(shape, generator=g) * 3 - 1) for _ in range(3)]
+    if len(shape) >= 2:
+        outs[0].select(unit_dim, 0).zero_()  # one unit dead for the whole batch
+    acc = ActivationAccumulator(eps=0.01)
+    for k, out in enumerate(outs):
+        acc.add(k, out, activation, unit_dim)
+    layers, rows = acc.finish(torch.device("cpu"))
+    assert layers == [0, 1, 2]
+    for k, out in enumerate(outs):
+        ref = activation_statistics(out, activation, unit_dim, 0.01)
+        torch.testing.assert_close(rows[k], ref, rtol=1e-4, atol=1e-6)
+    acc.clear()
+    assert len(acc) == 0 and acc.finish(torch.device("cpu"))[1].shape == (0, 4)

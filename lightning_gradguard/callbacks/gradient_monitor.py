@@ -426,8 +426,9 @@ class GradientMonitor(Callback):
                 norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
             tracker = self._trackers.get(todo)
             if tracker is None:
-                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
-                                                                self._sharded)
+                # three quarters of the budget for the copies, the rest for the reductions' temporaries
+                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo],
+                                                                0.75 * self.memory_fraction, self._sharded)
             tracker.begin()
             self._trackers_used.append((todo, tracker, tplan))
         if self.nonfinite_check == "logging_steps":
