@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -44,6 +44,7 @@ class ActivationAccumulator:
         self._nonzero: dict[int, torch.Tensor] = {}
         self._saturated: dict[int, tuple[torch.Tensor, int]] = {}
         self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._consts: dict[tuple, torch.Tensor] = {}
 
     def __contains__(self, layer: int) -> bool:
         return layer in self._moments
@@ -78,6 +79,16 @@ class ActivationAccumulator:
         if saturated is not None:
             self._saturated[layer] = saturated
 
+    def _const(self, key: tuple, make: Any) -> torch.Tensor:
+        """A small constant tensor made once per key: a Python list copied to the device every step would make
+        a GPU step wait."""
+        value = self._consts.get(key)
+        if value is None:
+            if len(self._consts) > 64:
+                self._consts.clear()
+            value = self._consts[key] = make()
+        return value
+
     def finish(self, device: torch.device, only: Optional[set[int]] = None) -> tuple[list[int], torch.Tensor]:
         """(layers in ascending order, ``(layers, 4)`` float32 rows on ``device``) of the layers recorded
         (those in ``only`` when given)."""
@@ -86,7 +97,9 @@ class ActivationAccumulator:
         if not n:
             return [], torch.zeros(0, 4, device=device)
         sums = torch.stack([t.to(device) for k in layers for t in self._moments[k][:2]]).view(n, 2)
-        count = torch.tensor([float(max(self._moments[k][2], 1)) for k in layers], dtype=sums.dtype, device=device)
+        count = self._const(("count", tuple(self._moments[k][2] for k in layers), str(device), sums.dtype),
+                            lambda: torch.tensor([float(max(self._moments[k][2], 1)) for k in layers], dtype=sums.dtype,
+                                                 device=device))
         mean = sums[:, 0] / count
         # sample std (Bessel's correction, as torch.std_mean's default); 0 for a single value
         std = ((sums[:, 1].square() - count * mean.square()).clamp(min=0.0) / (count - 1).clamp(min=1.0)).sqrt()
@@ -106,15 +119,19 @@ class ActivationAccumulator:
             seg, units = cached
             counts = torch.cat([self._nonzero[k].to(device) for k in relu])
             dead_units = torch.zeros(len(relu), device=device).index_add_(0, seg, (counts == 0).float())
-            at = torch.tensor(key[1], dtype=torch.long, device=device) if len(relu) != n else None
+            at = self._const(("at", key), lambda: torch.tensor(key[1], dtype=torch.long, device=device)) \
+                if len(relu) != n else None
             frac = dead_units / units
             dead = frac if at is None else dead.index_copy_(0, at, frac)
         sat = torch.zeros(n, device=device)
         tanh = [(j, k) for j, k in enumerate(layers) if k in self._saturated]
         if tanh:
             counts = torch.stack([self._saturated[k][0].to(device, torch.float32) for _, k in tanh])
-            sizes = torch.tensor([float(self._saturated[k][1]) for _, k in tanh], device=device)
-            sat.index_copy_(0, torch.tensor([j for j, _ in tanh], dtype=torch.long, device=device), counts / sizes)
+            skey = (tuple(j for j, _ in tanh), tuple(self._saturated[k][1] for _, k in tanh), str(device))
+            sizes = self._const(("sizes", skey), lambda: torch.tensor([float(self._saturated[k][1]) for _, k in tanh],
+                                                                       device=device))
+            where = self._const(("where", skey), lambda: torch.tensor(list(skey[0]), dtype=torch.long, device=device))
+            sat.index_copy_(0, where, counts / sizes)
         return layers, torch.stack([mean.float(), std.float(), dead, sat], dim=1)
 
 

@@ -40,6 +40,7 @@ class _StepContext:
     nf_keys: list[tuple]
     n_nf: int
     hist_tags: list[str]
+    loss_steps: list[int]
 
 
 def _is_compute(group: LayerGroup) -> bool:
@@ -247,6 +248,7 @@ class GradientMonitor(Callback):
         # the training loss: summed on the device over the logging window, read on logging steps
         self._losses: list[torch.Tensor] = []  # this window's training losses (detached scalars, read on logging steps)
         self._loss_steps: list[int] = []
+        self._window_steps: list[int] = []
         self._batch_step = 0
         self._input_std: Optional[torch.Tensor] = None
         self._input_layer: Optional[LayerGroup] = None
@@ -610,7 +612,7 @@ class GradientMonitor(Callback):
         nf_layers = maxes[n + len(nf_max) :]
         hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
         tensors = [grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists]
-        ctx = _StepContext(step, idx, sub, act_idx, measured, nf_keys, len(nf), hist_tags)
+        ctx = _StepContext(step, idx, sub, act_idx, measured, nf_keys, len(nf), hist_tags, self._window_steps)
         if self._writer is None:
             self._writer = BackgroundWriter()
         self._writer.submit(tensors, lambda host: self._write(trainer, ctx, host))  # one device → host transfer
@@ -696,6 +698,7 @@ class GradientMonitor(Callback):
             if self.figure_every_n_steps and ctx.step % self.figure_every_n_steps == 0:
                 self._draw(trainer, ctx.step)
             if self.detect:
+                loss_h = _loss_on_host(loss_h, ctx.loss_steps)
                 self._detect(trainer, ctx.step, rows, total, hard_h, loss_h, nf_h, ctx.nf_keys, nf_layers_h)
 
     def _pending(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[tuple], torch.Tensor]:
@@ -711,12 +714,12 @@ class GradientMonitor(Callback):
         if self._losses:
             v = torch.stack([t.to(dev) for t in self._losses]).float()
             bad = ~torch.isfinite(v)
-            steps = torch.tensor(self._loss_steps, dtype=torch.float32, device=dev)
-            first = steps.index_select(0, bad.int().argmax().reshape(1))[0]  # the first non-finite loss's step
+            first = bad.int().argmax().float()  # position of the first non-finite loss; its step on the host
             loss = torch.stack([v.mean(), torch.where(bad.any(), first, torch.full_like(first, -1.0)),
                                 torch.full((), float(len(self._losses)), device=dev)])
         else:
             loss = torch.zeros(0, device=dev)
+        self._window_steps = self._loss_steps
         self._losses, self._loss_steps = [], []  # next window
         return hard, loss, nf, nf_keys, nf_layers
 
@@ -729,7 +732,8 @@ class GradientMonitor(Callback):
         hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
         host = to_host(hard, loss, *nf, nf_layers)
         step = max(trainer.global_step - 1, 0)  # the last optimizer step taken
-        self._detect(trainer, step, [], float("nan"), host[0], host[1], host[2 : 2 + len(nf)], nf_keys, host[2 + len(nf)])
+        loss_h = _loss_on_host(host[1], self._window_steps)
+        self._detect(trainer, step, [], float("nan"), host[0], loss_h, host[2 : 2 + len(nf)], nf_keys, host[2 + len(nf)])
 
     def _detect(self, trainer: "pl.Trainer", step: int, rows: list[LayerRow], total: float, hard_h: list[float],
                 loss_h: list[float], nf_h: list[list[float]], nf_keys: list[tuple], nf_layers_h: list[float]) -> None:
@@ -829,6 +833,13 @@ class GradientMonitor(Callback):
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self._nf_reported = bool(state_dict.get("nonfinite_reported", False))
         self._hard_reported = bool(state_dict.get("exploding_reported", False))
+
+
+def _loss_on_host(loss_h: list[float], steps: list[int]) -> list[float]:
+    """[mean, position of the first non-finite loss (-1: none), count] with the position turned into its step."""
+    if not loss_h or loss_h[1] < 0:
+        return loss_h
+    return [loss_h[0], float(steps[int(loss_h[1])]), loss_h[2]]
 
 
 LAYER_COLUMNS = ("layer", "type", "activation", "init", "frozen")
