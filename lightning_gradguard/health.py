@@ -362,12 +362,14 @@ class HealthDetector:
         now = min(values[-2:])
         best = min(values)
         span = f"{self.losses[0][0]}–{step}"
-        if first > 0 and now > (1 - self.min_loss_drop) * first:
-            if self._hyst("not_converging", True, patience=1) and best > (1 - self.min_loss_drop) * first:
-                msg = (f"step {step}: the training loss is not falling: {first:.4g} → {now:.4g} over steps {span} "
-                       f"(less than {self.min_loss_drop:.0%} lower; best {best:.4g}) — not converging; "
-                       f"{REMEDY['not_converging']}")
-                new.append(Finding("not_converging", "", step, now, msg))
+        # not converging: even the best window is less than min_loss_drop below the first (then so are the last
+        # two, ``now``); a loss that once fell that far never counts (``best`` only goes down); for a first loss
+        # <= 0 the condition cannot hold (best <= first)
+        if best > (1 - self.min_loss_drop) * first and self._hyst("not_converging", True, patience=1):
+            msg = (f"step {step}: the training loss is not falling: {first:.4g} → {now:.4g} over steps {span} "
+                   f"(less than {self.min_loss_drop:.0%} lower; best {best:.4g}) — not converging; "
+                   f"{REMEDY['not_converging']}")
+            new.append(Finding("not_converging", "", step, now, msg))
         q = max(4, len(values) // 4)
         if len(values) >= 2 * q:
             before, recent = min(values[:-q]), min(values[-q:])

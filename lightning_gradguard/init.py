@@ -454,14 +454,7 @@ def _init_layer(
             scheme = "-"
     if isinstance(m, nn.RNNBase) and auto:
         scheme = f"{scheme} (+orthogonal recurrent)"
-    w = getattr(m, "weight", None)
-    if w is None and isinstance(m, nn.RNNBase):
-        w = m.weight_ih_l0
-    rec = _record(info, scheme, fan, target, note)
-    if w is not None and isinstance(m, nn.RNNBase):
-        rec.achieved_std = float(full_tensor(w.detach()).float().std())
-        rec.shape = tuple(w.shape)
-    return rec
+    return _record(info, scheme, fan, target, note)  # an RNN's first parameter, its row, is weight_ih_l0
 
 
 __all__ = [

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hypothesis import settings
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+# Hypothesis: CI runs 40 examples per property; benchmarks/mutation.py selects ``mutation`` (fewer examples, the
+# same derandomized start) so that each of hundreds of mutants costs a fraction of a second.
+settings.register_profile("ci", max_examples=40)
+settings.register_profile("mutation", max_examples=15)
+settings.load_profile(os.environ.get("GRADGUARD_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -70,7 +70,8 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     plain = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     plain(torch.randn(4, 6)).pow(2).sum().mul(50).backward()
     sharded = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    placements = {"0.weight": Shard(1), "0.bias": Shard(0), "2.weight": Shard(0), "2.bias": Replicate()}
+    # columns (gathered), rows (whole units), and two 1-d shards (norms from the shards' squares, in one go)
+    placements = {"0.weight": Shard(1), "0.bias": Shard(0), "2.weight": Shard(0), "2.bias": Shard(0)}
     for name, p in sharded.named_parameters():
         src = dict(plain.named_parameters())[name]
         d = torch.nn.Parameter(distribute_tensor(src.detach().clone(), one_rank_mesh, [placements[name]]))
@@ -81,6 +82,10 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     assert all(distributed.is_dtensor(p) for p in params) and distributed.count_weights(params).tolist() == [1.0] * 4
     assert torch.allclose(global_norm(params), global_norm(list(plain.parameters())))
     assert torch.allclose(grad_statistics(layer_groups(sharded)), grad_statistics(layer_groups(plain)))
+    shared_sq = torch.stack([distributed.local(p.grad).pow(2).sum() for p in params])  # as the monitor shares them
+    assert torch.allclose(global_norm(params, tensor_sq=shared_sq), global_norm(list(plain.parameters())))
+    inf_groups = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
+    assert torch.equal(clip_by_norm_per_group_(inf_groups(sharded), 1e9, "inf"), clip_by_norm_per_group_(inf_groups(plain), 1e9, "inf"))
     groups = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
     norms_sharded = clip_by_norm_per_group_(groups(sharded), 0.5)
     assert torch.allclose(norms_sharded, clip_by_norm_per_group_(groups(plain), 0.5)) and (norms_sharded > 0.5).all()
@@ -95,3 +100,7 @@ def test_dtensor_placements_give_the_unsharded_results(one_rank_mesh):
     initialize(plain, "auto", seed=3)
     for p, q in zip(sharded.parameters(), plain.parameters()):
         assert torch.equal(p.full_tensor(), q.detach())
+    with pytest.raises(ValueError, match=r"^initialize: scheme='lsuv' needs the unsharded model \(its forward passes stop "
+                       r"inside layers\): run it before fully_shard, e\.g\. build the layers in __init__ and shard them in "
+                       r"configure_model$"):
+        initialize(sharded, "lsuv", sample_input=torch.randn(4, 6))

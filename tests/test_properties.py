@@ -23,7 +23,8 @@ from lightning_gradguard.clipping import (
 from lightning_gradguard.init import TRUNCATED_NORMAL_STD, compute_fans, variance_scaling_
 from lightning_gradguard.stats import GRAD_STATS, LayerGroup, grad_statistics, histogram
 
-PROPS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+#: the number of examples comes from the Hypothesis profile loaded in conftest.py (40 in CI)
+PROPS = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------------------------- init
