@@ -130,7 +130,8 @@ class StepTimer(pl.Callback):
 
 
 class PeakMemory(TorchDispatchMode):
-    """Bytes of tensor storages created while active and still alive; ``peak`` is their maximum."""
+    """Bytes of tensor storages created while active and still alive; ``peak`` is their maximum. Outputs
+    that alias an input (views, in-place results: the schema's ``alias_info``) are not new memory."""
 
     def __init__(self):
         super().__init__()
@@ -139,7 +140,13 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
+        returns = func._schema.returns
+        fresh = out if len(returns) != 1 else [out]
+        if isinstance(out, (tuple, list)) and len(returns) == len(out):
+            fresh = [o for o, r in zip(out, returns) if r.alias_info is None]  # views and in-place results: no
+        elif len(returns) == 1 and returns[0].alias_info is not None:           # new memory
+            fresh = []
+        for t in tree_leaves(fresh):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
                 key = st.data_ptr()

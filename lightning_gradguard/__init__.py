@@ -36,6 +36,11 @@ _EXPORTS: dict[str, str] = {
     "LayerRow": "lightning_gradguard.health",
     "layer_groups": "lightning_gradguard.stats",
     "grad_statistics": "lightning_gradguard.stats",
+    "GradStatsPlan": "lightning_gradguard.stats",
+    "UpdateTracker": "lightning_gradguard.stats",
+    "ActivationAccumulator": "lightning_gradguard.act_stats",
+    "StepNorms": "lightning_gradguard.shared_norms",
+    "BackgroundWriter": "lightning_gradguard.host_transfer",
     "clip_by_value_": "lightning_gradguard.clipping",
     "clip_by_norm_": "lightning_gradguard.clipping",
     "clip_by_norm_per_group_": "lightning_gradguard.clipping",
@@ -92,7 +97,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector, LayerRow
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_
-    from lightning_gradguard.stats import grad_statistics, layer_groups
+    from lightning_gradguard.act_stats import ActivationAccumulator
+    from lightning_gradguard.host_transfer import BackgroundWriter
+    from lightning_gradguard.shared_norms import StepNorms
+    from lightning_gradguard.stats import GradStatsPlan, UpdateTracker, grad_statistics, layer_groups
     from lightning_gradguard.trials import ModelTrials
     from lightning_gradguard.step_skip import SpikeDetector, StepSkipper
     from lightning_gradguard.surgery import Normalized, insert_batchnorm, replace_activations, restore, surgery_spec

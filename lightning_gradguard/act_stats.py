@@ -4,9 +4,12 @@ A forward hook hands each layer's activation output to :meth:`ActivationAccumula
 what the statistics need and lets the output go at once (memory stays bounded: no output is held until the
 end of the step, no float32 stack of all of them):
 
-- ``std_mean`` of the output (two scalars, one kernel);
-- ReLU family: the count of non-zero values per unit over every other dim (``count_nonzero`` with a dim
-  tuple, one kernel, no copy even for channel-first convolutions): a vector of ``units`` values;
+- the sum and the L2 norm of the output, accumulated in float64 (two vectorized reductions; the mean and
+  the sample std follow as ``s/n`` and ``sqrt((q - n·mean²)/(n-1))``, to float64 rounding the numbers
+  ``torch.std_mean`` gives, which is ~10× slower on a CPU);
+- ReLU family (``relu``, ``relu6``: outputs are never negative): the maximum per unit over every other dim
+  (``amax`` with a dim tuple, one kernel, no copy even for channel-first convolutions), a vector of ``units``
+  values; a unit is dead when its maximum is 0;
 - sigmoid/tanh: the count of values within ``eps`` of a bound (three small kernels).
 
 :meth:`ActivationAccumulator.finish` turns them into the ``ACT_STATS`` rows of all layers at once (a stack,
@@ -25,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -37,10 +40,11 @@ class ActivationAccumulator:
 
     def __init__(self, eps: float = 0.01) -> None:
         self.eps = float(eps)
-        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._nonzero: dict[int, torch.Tensor] = {}
         self._saturated: dict[int, tuple[torch.Tensor, int]] = {}
         self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._consts: dict[tuple, torch.Tensor] = {}
 
     def __contains__(self, layer: int) -> bool:
         return layer in self._moments
@@ -57,25 +61,33 @@ class ActivationAccumulator:
     def add(self, layer: int, out: torch.Tensor, activation: Optional[str], unit_dim: int) -> None:
         """Reduce ``out`` (layer ``layer``'s activation output; units along ``unit_dim``) into this step's record."""
         x = out.detach()
-        if x.dtype not in (torch.float32, torch.float64):
+        if not x.is_floating_point():
             x = x.float()
-        if x.numel() > 1:
-            std, mean = torch.std_mean(x, correction=0)
-        else:
-            mean = x.reshape(-1).sum() if x.numel() else torch.zeros((), device=x.device)
-            std = torch.zeros_like(mean)
+        wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+        total = x.sum(dtype=wide)
+        sq = torch.linalg.vector_norm(x, 2, dtype=wide)
         nonzero = saturated = None
         if activation in RELU_FAMILY and x.dim() >= 2:
             units = unit_dim % x.dim()
-            nonzero = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != units))
+            nonzero = x.amax(dim=tuple(d for d in range(x.dim()) if d != units))
         if activation in SATURATING_BOUNDS:
             lo, hi = SATURATING_BOUNDS[activation]
             saturated = (((x <= lo + self.eps) | (x >= hi - self.eps)).sum(), x.numel())
-        self._moments[layer] = (mean, std)
+        self._moments[layer] = (total, sq, x.numel())
         if nonzero is not None:
             self._nonzero[layer] = nonzero
         if saturated is not None:
             self._saturated[layer] = saturated
+
+    def _const(self, key: tuple, make: Any) -> torch.Tensor:
+        """A small constant tensor made once per key: a Python list copied to the device every step would make
+        a GPU step wait."""
+        value = self._consts.get(key)
+        if value is None:
+            if len(self._consts) > 64:
+                self._consts.clear()
+            value = self._consts[key] = make()
+        return value
 
     def finish(self, device: torch.device, only: Optional[set[int]] = None) -> tuple[list[int], torch.Tensor]:
         """(layers in ascending order, ``(layers, 4)`` float32 rows on ``device``) of the layers recorded
@@ -84,7 +96,13 @@ class ActivationAccumulator:
         n = len(layers)
         if not n:
             return [], torch.zeros(0, 4, device=device)
-        mom = torch.stack([t.to(device, torch.float32) for k in layers for t in self._moments[k]]).view(n, 2)
+        sums = torch.stack([t.to(device) for k in layers for t in self._moments[k][:2]]).view(n, 2)
+        count = self._const(("count", tuple(self._moments[k][2] for k in layers), str(device), sums.dtype),
+                            lambda: torch.tensor([float(max(self._moments[k][2], 1)) for k in layers], dtype=sums.dtype,
+                                                 device=device))
+        mean = sums[:, 0] / count
+        # sample std (Bessel's correction, as torch.std_mean's default); 0 for a single value
+        std = ((sums[:, 1].square() - count * mean.square()).clamp(min=0.0) / (count - 1).clamp(min=1.0)).sqrt()
         dead = torch.zeros(n, device=device)
         relu = [k for k in layers if k in self._nonzero]
         if relu:
@@ -101,16 +119,20 @@ class ActivationAccumulator:
             seg, units = cached
             counts = torch.cat([self._nonzero[k].to(device) for k in relu])
             dead_units = torch.zeros(len(relu), device=device).index_add_(0, seg, (counts == 0).float())
-            at = torch.tensor(key[1], dtype=torch.long, device=device) if len(relu) != n else None
+            at = self._const(("at", key), lambda: torch.tensor(key[1], dtype=torch.long, device=device)) \
+                if len(relu) != n else None
             frac = dead_units / units
             dead = frac if at is None else dead.index_copy_(0, at, frac)
         sat = torch.zeros(n, device=device)
         tanh = [(j, k) for j, k in enumerate(layers) if k in self._saturated]
         if tanh:
             counts = torch.stack([self._saturated[k][0].to(device, torch.float32) for _, k in tanh])
-            sizes = torch.tensor([float(self._saturated[k][1]) for _, k in tanh], device=device)
-            sat.index_copy_(0, torch.tensor([j for j, _ in tanh], dtype=torch.long, device=device), counts / sizes)
-        return layers, torch.stack([mom[:, 0], mom[:, 1], dead, sat], dim=1)
+            skey = (tuple(j for j, _ in tanh), tuple(self._saturated[k][1] for _, k in tanh), str(device))
+            sizes = self._const(("sizes", skey), lambda: torch.tensor([float(self._saturated[k][1]) for _, k in tanh],
+                                                                       device=device))
+            where = self._const(("where", skey), lambda: torch.tensor(list(skey[0]), dtype=torch.long, device=device))
+            sat.index_copy_(0, where, counts / sizes)
+        return layers, torch.stack([mean.float(), std.float(), dead, sat], dim=1)
 
 
 __all__ = ["ActivationAccumulator"]

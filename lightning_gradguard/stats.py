@@ -458,6 +458,7 @@ class UpdateTracker:
         self._params: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
         self._index: Optional[torch.Tensor] = None
+        self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def begin(self) -> None:
         """Copy the next layers' parameters (call right before the optimizer step)."""
@@ -476,8 +477,13 @@ class UpdateTracker:
         self._params = [p for gi in self._taken for p in self.groups[gi].params]
         local = [distributed.local(p.detach()) for p in self._params]
         self._copies = [t.clone() for t in local]
-        index = [gi for gi in self._taken for _ in self.groups[gi].params]
-        self._index = torch.tensor(index, dtype=torch.long, device=local[0].device) if local else None
+        self._index = None
+        if local:
+            key = (tuple(self._taken), str(local[0].device))
+            self._index = self._index_cache.get(key)
+            if self._index is None:  # made once per subset (a list copied to the device each step would wait)
+                index = [gi for gi in self._taken for _ in self.groups[gi].params]
+                self._index = self._index_cache[key] = torch.tensor(index, dtype=torch.long, device=local[0].device)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``(2, layers)`` ‖Δw‖², ‖w_before‖² (0 for layers not measured) and a bool ``(layers,)``

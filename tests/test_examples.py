@@ -24,10 +24,11 @@ def test_zoo_script(tmp_path):
 
 
 def test_benchmark_script_prints_ratios(tmp_path):
-    proc = _run([sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--steps", "25", "--repeats", "1"], tmp_path)
+    proc = _run([sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--steps", "25", "--repeats", "1",
+                 "--models", "mlp-50x32,transformer"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [l.split() for l in proc.stdout.splitlines() if l.startswith(("mlp-50x32", "transformer"))]
-    assert len(rows) == 12
+    rows = [l.split() for l in proc.stdout.splitlines() if l.startswith(("mlp-50x32 ", "transformer "))]
+    assert len(rows) == 10
     table = {(r[0], r[1]): (float(r[2]), float(r[3])) for r in rows}
     for (model, variant), (ms, ratio) in table.items():
         none_ms = table[(model, "none")][0]
@@ -35,6 +36,9 @@ def test_benchmark_script_prints_ratios(tmp_path):
     assert table[("mlp-50x32", "none")][1] == 1.0
     # statistics of 50 layers at every step cost more than none at all, even on 25 noisy steps
     assert table[("mlp-50x32", "monitor_every_step")][1] > 1.0
+    # per model: the physical reference, the statistics kernels against it, the extra memory of a logging step
+    notes = [l for l in proc.stdout.splitlines() if "one `_foreach_norm` pass" in l]
+    assert len(notes) == 2 and all("× that pass" in l and "extra peak memory" in l for l in notes), notes
 
 
 def test_init_sweep_script_reports_the_sweep(tmp_path):

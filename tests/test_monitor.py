@@ -132,7 +132,7 @@ class NaNInBackward(DeepMLP):
         return h
 
 
-@pytest.mark.parametrize("check, every", [("every_step", 4), ("logging_steps", 1)])
+@pytest.mark.parametrize("check, every", [("every_step", 4), ("auto", 4), ("logging_steps", 1)])
 def test_nan_in_one_layers_backward_names_that_layer(tmp_path, check, every):
     model = NaNInBackward(input_shape=[16], num_classes=4, depth=3, width=8, lr=1e-9)
     trainer = _trainer(tmp_path, [GradientMonitor(log_every_n_steps=every, nonfinite_check=check, warn=False)],

@@ -23,12 +23,12 @@ class SharedReLU(pl.LightningModule):
     """One ``nn.ReLU`` module after three layers. Zero weights make each layer's output its bias: ``l1`` has no
     dead unit, ``l2`` 6 of 8, ``l3`` 4 of 8."""
 
-    def __init__(self, lr: float = 1e-9):
+    def __init__(self, lr: float = 1e-9, momentum: float = 0.0):
         super().__init__()
         self.l1, self.l2, self.l3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
         self.out = nn.Linear(8, 2)
         self.act = nn.ReLU()
-        self.lr = lr
+        self.lr, self.momentum = lr, momentum
         with torch.no_grad():
             for layer in (self.l1, self.l2, self.l3):
                 layer.weight.zero_()
@@ -44,7 +44,7 @@ class SharedReLU(pl.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def _data(n: int = 64, features: int = 8):
@@ -158,24 +158,75 @@ def test_auto_check_names_the_step_whose_loss_turned_nonfinite_between_logging_s
     assert len(texts) == 1 and "step 2:" in texts[0], texts
 
 
+def _sync_free(cls, hooks, armed):
+    """``cls`` whose ``hooks`` run under ``torch.cuda.set_sync_debug_mode("error")`` once ``armed()`` says so:
+    any host sync inside gradguard's own code raises, Lightning's own loop is left out of the check."""
+
+    class Guarded(cls):
+        pass
+
+    for name in hooks:
+        def wrapper(self, *args, __orig=getattr(cls, name), **kwargs):
+            if not armed():
+                return __orig(self, *args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return __orig(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        setattr(Guarded, name, wrapper)
+    return Guarded
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
-def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(tmp_path):  # pragma: no cover
-    class Guard(pl.Callback):
+def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(tmp_path, monkeypatch):  # pragma: no cover
+    from lightning_gradguard.act_stats import ActivationAccumulator
+
+    state = {"step": 0}
+    armed = lambda: state["step"] >= 5  # noqa: E731 - after the first steps (buffers, indices, optimizer state)
+
+    class Step(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5:  # after the first steps (optimizer state and plans are built)
-                torch.cuda.set_sync_debug_mode("error")
+            state["step"] = trainer.global_step
 
-        def on_train_end(self, trainer, pl_module):
-            torch.cuda.set_sync_debug_mode("default")
-
-    monitor = GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, detect=False, warn=False)
-    clip = GradientClipping("percentile", warmup_steps=3, on_nonfinite="skip")
+    hooks = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+    Monitor = _sync_free(GradientMonitor, hooks, armed)
+    Clipping = _sync_free(GradientClipping, hooks, armed)
+    monkeypatch.setattr(ActivationAccumulator, "add", _sync_free(ActivationAccumulator, ("add",), armed).add)
+    monitor = Monitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False)
+    clip = Clipping("percentile", warmup_steps=3, on_nonfinite="skip")
+    model = SharedReLU(lr=0.01, momentum=0.9)  # tensor optimizer state: the restore skipper needs no host read
     trainer = pl.Trainer(max_steps=205, accelerator="gpu", devices=1, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1000,
-                         callbacks=[Guard(), monitor, clip], logger=TensorBoardLogger(tmp_path, name="tb"))
-    try:
-        trainer.fit(SharedReLU(lr=0.01), train_dataloaders=_data(205 * 8))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+                         callbacks=[Step(), monitor, clip], logger=TensorBoardLogger(tmp_path, name="tb"))
+    trainer.fit(model, train_dataloaders=_data(205 * 8))
     events = load_events(trainer.logger.log_dir)
     assert len(events.Scalars("grad_norm/l2")) == 205
+    assert step_norms_for(trainer).hits >= 200  # clipping used the monitor's read of the gradients
+
+
+@pytest.mark.parametrize("activation, shape, unit_dim", [
+    ("relu", (16, 8), -1), ("relu", (3, 4, 5, 5), 1), ("relu6", (2, 7, 3), -1), ("sigmoid", (4, 6, 5), -1),
+    ("tanh", (10, 3), -1), ("linear", (1,), -1),
+])
+def test_activation_accumulator_equals_the_one_layer_reference(activation, shape, unit_dim):
+    from lightning_gradguard.act_stats import ActivationAccumulator
+    from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
+    from lightning_gradguard.stats import activation_statistics
+
+    g = torch.Generator().manual_seed(0)
+    fn = ACTIVATION_FUNCTIONS.get(activation, lambda t: t)
+    outs = [fn(torch.randn(shape, generator=g) * 3 - 1) for _ in range(3)]
+    if len(shape) >= 2:
+        outs[0].select(unit_dim, 0).zero_()  # one unit dead for the whole batch
+    acc = ActivationAccumulator(eps=0.01)
+    for k, out in enumerate(outs):
+        acc.add(k, out, activation, unit_dim)
+    layers, rows = acc.finish(torch.device("cpu"))
+    assert layers == [0, 1, 2]
+    for k, out in enumerate(outs):
+        ref = activation_statistics(out, activation, unit_dim, 0.01)
+        torch.testing.assert_close(rows[k], ref, rtol=1e-4, atol=1e-6)
+    acc.clear()
+    assert len(acc) == 0 and acc.finish(torch.device("cpu"))[1].shape == (0, 4)

@@ -137,7 +137,9 @@ def test_heatmap_of_a_deep_run_has_a_named_row_per_layer(tmp_path, depth):
     assert len(names) == depth + 1 and names[:2] == ["net.1", "net.3"]  # forward order
     steps = [int(p[0]) for p in run.series["net.1"]]
     table = [[v for _, v in run.series[n]] for n in names]
-    ratios = [[v for _, v in run.ratio_series[n]] for n in names]
+    # update ratios of a big model come for a rotating subset of layers per logging step (memory_fraction):
+    # aligned by step, missing ones empty
+    ratios = [[dict((int(s), v) for s, v in run.ratio_series.get(n, [])).get(st) for st in steps] for n in names]
     fig = gradient_heatmap_figure(names, steps, table, ratios)
     norm_ax, ratio_ax = fig.axes[0], fig.axes[1]  # the two panels; colour bars come after them
     assert norm_ax.images[0].get_array().shape == (depth + 1, len(steps)) == ratio_ax.images[0].get_array().shape

@@ -40,6 +40,7 @@ class _StepContext:
     nf_keys: list[tuple]
     n_nf: int
     hist_tags: list[str]
+    loss_steps: list[int]
 
 
 def _is_compute(group: LayerGroup) -> bool:
@@ -58,7 +59,7 @@ class GradientMonitor(Callback):
     (the module owning the parameters; ``per_parameter=True`` for one row per parameter):
     ``grad_norm``, ``grad_mean``, ``grad_std``, ``grad_max`` (max |g|), ``grad_zero_frac``,
     ``grad_nonfinite``, ``weight_norm`` (after the step), ``update_ratio`` (‖Δw‖/‖w‖ of that optimizer step,
-    ‖w‖ before it) and, from
+    ‖w‖ before it; measured for a rotating subset of layers per logging step, see Memory) and, from
     forward hooks attached for that step's forward only, ``act_mean``, ``act_std``, ``act_dead_frac``
     (ReLU units at 0 for the whole batch), ``act_saturated_frac`` (sigmoid/tanh within ``saturation_eps``
     of a bound). Tags are ``<statistic>/<layer>`` (one TensorBoard section per statistic, one chart per
@@ -74,14 +75,29 @@ class GradientMonitor(Callback):
     ``gradguard/findings`` (step, layer, kind, finding, what to do; see :mod:`lightning_gradguard.health`;
     each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
-    Memory: on a logging step the hooks keep references to the observed activation outputs (no copies)
-    until the step ends, where they are reduced together, same-shaped layers in one batch.
+    Memory (``memory_fraction``, default 0.1): a logging step allocates at most about ``memory_fraction`` of
+    the parameters' memory (at least 16 KiB) plus a few values per layer. The gradient statistics reduce
+    small gradients in a packed buffer of that size and large ones where they lie
+    (:class:`~lightning_gradguard.stats.GradStatsPlan`); the update ratio copies only the next layers in
+    forward order that fit in that budget before the optimizer step (:class:`~lightning_gradguard.stats.UpdateTracker`),
+    so each layer's ``update_ratio`` is logged every ``≈ 1/memory_fraction`` logging steps (every logging step
+    with ``memory_fraction=1.0``, or for a model under 4096 parameters), exactly, never estimated; between
+    its measurements the detectors use a layer's last measured ratio. Activation outputs are reduced as
+    they arrive (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): no output is kept.
 
-    Cost: a step that logs nothing only compares a counter (plus, with ``nonfinite_check="every_step"``,
-    one batched norm whose result stays on the device). A logging step uses batched reductions and moves
-    everything to the host in one transfer. Gradients are read in ``on_before_optimizer_step`` — final,
-    unscaled by AMP, reduced by DDP, once per optimizer step under accumulation. Put ``GradientMonitor``
-    before ``GradientClipping`` in the callback list to see the gradients before clipping.
+    Cost: a step that logs nothing compares a counter and keeps a reference to the loss (plus the
+    non-finite check, see ``nonfinite_check``). A logging step computes every statistic in a number of
+    kernels that does not grow with the number of layers (per chunk, not per parameter), gathers all
+    values into one vector and starts its copy to the host without waiting (pinned memory and a CUDA
+    event on a GPU); a background thread waits for the copy, formats the scalars and writes the
+    TensorBoard event, so the training thread never waits for the device. Other loggers, the detectors
+    and the heatmap take the values on the training thread at a later step. The writer is flushed (nothing
+    lost) at the end of fit, on an exception and at teardown. Gradients are read in
+    ``on_before_optimizer_step`` — final, unscaled by AMP, reduced by DDP, once per optimizer step under
+    accumulation. Put ``GradientMonitor`` before ``GradientClipping`` in the callback list to see the
+    gradients before clipping; on the same Trainer the two share one read of the gradients per step
+    (:mod:`lightning_gradguard.shared_norms`): on a logging step clipping uses the monitor's statistics,
+    and the monitor's every-step check uses the norms clipping computes (or publishes its own for it).
 
     Several processes: scalars are written once, by global rank 0. Under FSDP2 (``ModelParallelStrategy``,
     ``DTensor`` shards) the gradient, weight and update statistics are those of the full (unsharded)
@@ -96,13 +112,29 @@ class GradientMonitor(Callback):
         activation_stats: attach forward hooks on logging steps.
         histogram_every_n_steps: 0 turns histograms off.
         figure_every_n_steps: 0 draws the gradient-flow figure only at the end of fit.
-        nonfinite_check: ``every_step`` (remember the first step with NaN/Inf gradients and its layers,
-            on the device) or ``logging_steps`` (only look on logging steps).
+        nonfinite_check: which steps are checked for NaN/Inf gradients between logging steps (logging steps
+            always are). ``every_step``: every step, from each gradient's norm (one ``_foreach_norm`` pass,
+            free when ``GradientClipping`` on the same Trainer computed them); the finding names the first
+            step with a non-finite gradient and every layer with one at that step. ``auto`` (default): the
+            norms clipping computed when it runs before the monitor or on a logging step (then exactly as
+            ``every_step``); otherwise, on the CPU, the loss passed to backward is tested every step
+            (reading it waits for no device) and the gradients are looked at only when it is non-finite:
+            the finding names the first step whose loss was non-finite and the layers with non-finite
+            gradients at that step, except when some weights are already non-finite then: they got it from
+            the previous step's update, so that previous step and the layers with non-finite weights are
+            named (a NaN born in backward under a finite loss, carried into the weights by the optimizer); a
+            NaN that never reaches the loss or the weights (the step skipped, the gradients repaired) is only
+            seen on a logging step; on an accelerator, each gradient's norm in one
+            fused pass, kept on the device (as ``every_step``). ``logging_steps``: only logging steps. The
+            record stays on the device and crosses to the host with the next logging step (or at the end of
+            fit).
+        memory_fraction: the most extra memory of a logging step, as a fraction of the parameters' memory
+            (see Memory); 1.0 measures every layer's update ratio at every logging step.
         detect: run the health detectors (:mod:`lightning_gradguard.health`); their thresholds are the
             remaining arguments: ``exploding_hard_norm`` fires at once (also between logging steps, from the
             every-step check); ``progress_min_steps``, ``min_loss_drop``, ``oscillation_rate``,
             ``oscillation_amplitude`` drive the training-progress findings, read from the loss that
-            ``training_step`` returns (summed on the device each step, read on logging steps);
+            ``training_step`` returns (kept as detached scalars each step, reduced and read on logging steps);
             ``update_ratio_high``/``update_ratio_low`` bound the median / largest ‖Δw‖/‖w‖;
             ``input_std_max`` flags unnormalized inputs. What happened after the last logging step is
             reported at the end of fit.
@@ -216,6 +248,7 @@ class GradientMonitor(Callback):
         # the training loss: summed on the device over the logging window, read on logging steps
         self._losses: list[torch.Tensor] = []  # this window's training losses (detached scalars, read on logging steps)
         self._loss_steps: list[int] = []
+        self._window_steps: list[int] = []
         self._batch_step = 0
         self._input_std: Optional[torch.Tensor] = None
         self._input_layer: Optional[LayerGroup] = None
@@ -395,8 +428,9 @@ class GradientMonitor(Callback):
                 norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
             tracker = self._trackers.get(todo)
             if tracker is None:
-                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
-                                                                self._sharded)
+                # three quarters of the budget for the copies, the rest for the reductions' temporaries
+                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo],
+                                                                0.75 * self.memory_fraction, self._sharded)
             tracker.begin()
             self._trackers_used.append((todo, tracker, tplan))
         if self.nonfinite_check == "logging_steps":
@@ -407,6 +441,14 @@ class GradientMonitor(Callback):
             cheap = self.nonfinite_check == "auto" and loss_bad is not None  # CPU: a host read waits for nothing
             if cheap and not loss_bad:
                 return  # the loss is finite: gradients are looked at on logging steps
+            if cheap and step > 0 and not (self._nf_seen is not None and bool(self._nf_seen)):
+                # the loss just turned non-finite. Weights that are non-finite now got it from the previous
+                # step's update, i.e. from that step's gradients (a NaN born in backward under a finite loss):
+                # name that step and those layers
+                wsq = self._tensor_sq(plan, weights=True)
+                if wsq is not None and not bool(torch.isfinite(wsq).all()):
+                    self._track_nonfinite(tuple(mine), plan, wsq, step - 1, hard=False)
+                    return
             sq = self._tensor_sq(plan)
             if sq is None:
                 return
@@ -423,9 +465,13 @@ class GradientMonitor(Callback):
         return cached[1]
 
     @staticmethod
-    def _tensor_sq(plan: GradStatsPlan) -> Optional[torch.Tensor]:
-        """Squared norm of each of ``plan``'s gradients (0 where there is none): one ``_foreach_norm`` pass."""
-        have = [(k, local(p.grad)) for k, p in enumerate(plan.params) if p.grad is not None]
+    def _tensor_sq(plan: GradStatsPlan, weights: bool = False) -> Optional[torch.Tensor]:
+        """Squared norm of each of ``plan``'s gradients (0 where there is none), or of its parameters with
+        ``weights=True``: one ``_foreach_norm`` pass."""
+        if weights:
+            have = [(k, local(p.detach())) for k, p in enumerate(plan.params)]
+        else:
+            have = [(k, local(p.grad)) for k, p in enumerate(plan.params) if p.grad is not None]
         if not have:
             return None
         sq = torch.stack(torch._foreach_norm([g for _, g in have], 2)).float() ** 2
@@ -434,7 +480,8 @@ class GradientMonitor(Callback):
         index = torch.tensor([k for k, _ in have], device=sq.device)
         return torch.zeros(len(plan.params), device=sq.device).index_copy_(0, index, sq)
 
-    def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int) -> None:
+    def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int,
+                         hard: bool = True) -> None:
         """Remember, on the device, the first step with a NaN/Inf gradient and which layers had one, and the first
         step with a gradient norm above ``exploding_hard_norm``, from each gradient's squared norm ``sq`` (a
         handful of small ops; nothing crosses to the host until the next logging step). Each optimizer's
@@ -455,6 +502,8 @@ class GradientMonitor(Callback):
         self._nf_flags[mine] = torch.where(first, layer_bad, flags)
         self._nf_step = torch.where(first, step, self._nf_step)
         self._nf_seen = self._nf_seen | first
+        if not hard:  # ``sq`` holds weight norms: no exploding-gradient check
+            return
         # a huge but finite gradient norm fires the exploding detector at once, even between logging steps
         big = torch.where(bad, torch.zeros_like(norms), norms)
         top, at = big.max(dim=0)
@@ -563,7 +612,7 @@ class GradientMonitor(Callback):
         nf_layers = maxes[n + len(nf_max) :]
         hist_tags, hists = self._histograms(idx, sub) if self._is_hist_step(step) else ([], [])
         tensors = [grad, wnorm, ratio, acts, hard, loss, *nf, nf_layers, *hists]
-        ctx = _StepContext(step, idx, sub, act_idx, measured, nf_keys, len(nf), hist_tags)
+        ctx = _StepContext(step, idx, sub, act_idx, measured, nf_keys, len(nf), hist_tags, self._window_steps)
         if self._writer is None:
             self._writer = BackgroundWriter()
         self._writer.submit(tensors, lambda host: self._write(trainer, ctx, host))  # one device → host transfer
@@ -649,6 +698,7 @@ class GradientMonitor(Callback):
             if self.figure_every_n_steps and ctx.step % self.figure_every_n_steps == 0:
                 self._draw(trainer, ctx.step)
             if self.detect:
+                loss_h = _loss_on_host(loss_h, ctx.loss_steps)
                 self._detect(trainer, ctx.step, rows, total, hard_h, loss_h, nf_h, ctx.nf_keys, nf_layers_h)
 
     def _pending(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[tuple], torch.Tensor]:
@@ -664,12 +714,12 @@ class GradientMonitor(Callback):
         if self._losses:
             v = torch.stack([t.to(dev) for t in self._losses]).float()
             bad = ~torch.isfinite(v)
-            steps = torch.tensor(self._loss_steps, dtype=torch.float32, device=dev)
-            first = steps.index_select(0, bad.int().argmax().reshape(1))[0]  # the first non-finite loss's step
+            first = bad.int().argmax().float()  # position of the first non-finite loss; its step on the host
             loss = torch.stack([v.mean(), torch.where(bad.any(), first, torch.full_like(first, -1.0)),
                                 torch.full((), float(len(self._losses)), device=dev)])
         else:
             loss = torch.zeros(0, device=dev)
+        self._window_steps = self._loss_steps
         self._losses, self._loss_steps = [], []  # next window
         return hard, loss, nf, nf_keys, nf_layers
 
@@ -682,7 +732,8 @@ class GradientMonitor(Callback):
         hard, loss, nf, nf_keys, nf_layers = self._pending(dev)
         host = to_host(hard, loss, *nf, nf_layers)
         step = max(trainer.global_step - 1, 0)  # the last optimizer step taken
-        self._detect(trainer, step, [], float("nan"), host[0], host[1], host[2 : 2 + len(nf)], nf_keys, host[2 + len(nf)])
+        loss_h = _loss_on_host(host[1], self._window_steps)
+        self._detect(trainer, step, [], float("nan"), host[0], loss_h, host[2 : 2 + len(nf)], nf_keys, host[2 + len(nf)])
 
     def _detect(self, trainer: "pl.Trainer", step: int, rows: list[LayerRow], total: float, hard_h: list[float],
                 loss_h: list[float], nf_h: list[list[float]], nf_keys: list[tuple], nf_layers_h: list[float]) -> None:
@@ -782,6 +833,13 @@ class GradientMonitor(Callback):
         self.detector.load_state_dict(state_dict.get("detector", {}))
         self._nf_reported = bool(state_dict.get("nonfinite_reported", False))
         self._hard_reported = bool(state_dict.get("exploding_reported", False))
+
+
+def _loss_on_host(loss_h: list[float], steps: list[int]) -> list[float]:
+    """[mean, position of the first non-finite loss (-1: none), count] with the position turned into its step."""
+    if not loss_h or loss_h[1] < 0:
+        return loss_h
+    return [loss_h[0], float(steps[int(loss_h[1])]), loss_h[2]]
 
 
 LAYER_COLUMNS = ("layer", "type", "activation", "init", "frozen")
