@@ -12,10 +12,18 @@ model and applying the remedies are not counted in passes, but they are in the m
 GradGuard prints.
 
 Example:
-    >>> trials = ModelTrials(model, train_batches, heldout, loss_fn, make_optimizer, budget_units=60)
+    >>> import torch, torch.nn.functional as F
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    >>> x = torch.randn(192, 16); data = [(x[i:i + 32], x[i:i + 32, :4].argmax(1)) for i in range(0, 192, 32)]
+    >>> heldout, train_batches = data[:2], data[2:]
+    >>> loss_fn = lambda m, batch, i: F.cross_entropy(m(batch[0]), batch[1])
+    >>> make_optimizer = lambda m: torch.optim.SGD(m.parameters(), lr=0.05)
+    >>> trials = ModelTrials(model, iter(train_batches * 10), heldout, loss_fn, make_optimizer, budget_units=60)
     >>> run = trials.start({"init": {"scheme": "auto"}})
     >>> run.train(8)
-    >>> losses = run.evaluate()   # one loss per held-out batch
+    >>> len(run.evaluate())   # one loss per held-out batch
+    2
 """
 
 from __future__ import annotations
