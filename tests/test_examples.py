@@ -32,7 +32,7 @@ def test_benchmark_script_prints_ratios(tmp_path):
     table = {(r[0], r[1]): (float(r[2]), float(r[3])) for r in rows}
     for (model, variant), (ms, ratio) in table.items():
         none_ms = table[(model, "none")][0]
-        assert ratio == pytest.approx(ms / none_ms, abs=2e-3), (model, variant)  # a ratio of the times it printed
+        assert ratio == pytest.approx(ms / none_ms, rel=5e-4, abs=2e-3), (model, variant)  # a ratio of the times it printed
     assert table[("mlp-50x32", "none")][1] == 1.0
     # statistics of 50 layers at every step cost more than none at all, even on 25 noisy steps
     assert table[("mlp-50x32", "monitor_every_step")][1] > 1.0
