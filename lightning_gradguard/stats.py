@@ -117,38 +117,40 @@ def _flat(groups: Sequence[LayerGroup]) -> tuple[list[torch.Tensor], list[int]]:
     return params, index
 
 
-#: rows of the packed buffer: every small gradient starts at a multiple of BLOCK elements (zero padding)
+#: a gradient whose size has no power-of-two factor this large (a size like 10 or 200) is cut into rows of BLOCK
+#: elements, its last row zero-padded
 BLOCK = 128
-#: gradients with at least this many elements are reduced where they lie (no copy)
-INPLACE_MIN = 1 << 14
 #: the packed buffer and the update-ratio copies hold at least this many elements (16 KiB in float32)
 MIN_CHUNK = 1 << 12
+#: the widest row of the packed buffer (rows of large gradients)
+ROW_MAX = 1 << 10
 
 
 class GradStatsPlan:
     """Per-layer gradient moments in a number of kernels that does not grow with the number of layers.
 
-    Built once (``GradientMonitor`` builds it at fit start; the index buffers are made on the first call, when
-    the gradients' devices and dtypes are known, and again only if they change). Per (device, dtype):
+    Built once (``GradientMonitor`` builds it at fit start; the buffers are made on the first call, when the
+    gradients' devices and dtypes are known, and again only if they change). Per (device, dtype), every
+    gradient is cut into rows (of the largest power of two dividing its size, at most ``ROW_MAX``; of ``BLOCK``
+    with a zero-padded last row when that power is smaller), rows of one width are copied, a chunk at a time, by
+    **one** ``torch._foreach_copy_`` into a persistent buffer of at most ``max(memory_fraction × all gradient
+    elements, MIN_CHUNK)`` elements (a gradient larger than that spans several chunks), and each chunk is
+    reduced row-wise in 6 kernels, written into per-row results with ``out=``: sum of squares
+    (``vector_norm``), sum, then, the copy being scratch, ``abs_`` → ``amax`` (max |g|) and ``sign_`` → ``sum``
+    (count of non-zeros: a pass each, where ``amax``, ``amin`` and ``count_nonzero`` cost about 3× more on a
+    CPU). Chunks: about ``1/memory_fraction`` plus one per row width (a few), whatever the number of layers.
+    Then one ``index_add_`` and one ``scatter_reduce_`` from rows to tensors and from tensors to layers, with
+    indices built once.
 
-    - gradients smaller than ``INPLACE_MIN`` elements are copied by **one** ``torch._foreach_copy_`` into a
-      persistent zero-padded buffer, each starting on a row of ``BLOCK`` elements, and reduced row-wise:
-      sum of squares, sum, max |g| (from ``amax``/``amin``), count of non-zeros, 4 kernels for all of them,
-      then one ``index_add_`` and one ``scatter_reduce_`` from rows to tensors with an index built once.
-      The buffer holds at most ``max(memory_fraction × all gradient elements, MIN_CHUNK)`` elements; more
-      small gradients than that are done in that many chunks (at most about ``1/memory_fraction + 1``
-      chunks, whatever the number of layers; ``memory_fraction=1``: one chunk);
-    - larger gradients are reduced where they lie (no copy): there the data, not the kernel launch, is the
-      cost, and a copy would double the bytes read.
-
-    Then one ``index_add_`` from tensors to layers. Non-finite values: a row whose sum of squares is finite
-    holds none (an Inf or NaN makes it Inf/NaN), so the exact count of non-finite values is only taken for
-    such rows; on the CPU, where reading a flag waits for nothing, only when there is such a row at all; on
-    an accelerator always (one more fused pass, no host read). Nothing here reads a value on the host on an
-    accelerator.
+    Non-finite values: a gradient whose sum of squares is finite holds none (an Inf or NaN makes it Inf/NaN).
+    On the CPU, where reading a flag waits for nothing, one flag says whether any is not; only then are those
+    gradients' non-finite values (and NaNs, which ``sign`` maps to 0 where ``count_nonzero`` counts them)
+    counted exactly. On an accelerator both counts are always taken on the device (two more kernels per
+    chunk, no host read). Nothing here reads a value on the host on an accelerator.
 
     Extra memory: the packed buffer (``≤ memory_fraction`` of the gradients' bytes, at least
-    ``MIN_CHUNK`` elements) plus a few values per row and per layer.
+    ``MIN_CHUNK`` elements) plus 6 values per row (rows are ≥ ``ROW_MAX`` wide for large gradients) and a few
+    per tensor and per layer.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -196,13 +198,23 @@ class GradStatsPlan:
         """This rank's additive moments per layer (see :func:`grad_moments`): ``sums`` ``(layers, 5)`` (sum of
         squares, sum, zeros, non-finite, count) and ``maxes`` ``(layers,)`` (max |g|); replicas weighted so
         they count once when the plan is ``sharded``. Also sets :attr:`tensor_sq`."""
-        grads = [None if p.grad is None else distributed.local(p.grad.detach()) for p in self.params]
-        signature = tuple(None if g is None else (g.device, g.dtype, g.numel()) for g in grads)
+        with torch.no_grad():  # no per-gradient ``detach``: nothing here is recorded
+            return self._moments()
+
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sharded:
+            grads = [None if p.grad is None else distributed.local(p.grad.detach()) for p in self.params]
+        else:
+            grads = [p.grad for p in self.params]
         n_groups = len(self.groups)
-        if all(g is None for g in grads):
+        # a gradient has its parameter's shape, dtype and device (autograd and the ``.grad`` setter enforce it):
+        # which gradients exist and their dtypes (a model cast to another precision) and device are what can change
+        signature = tuple(None if g is None else g.dtype for g in grads)
+        first = next((g for g in grads if g is not None), None)
+        if first is None:
             self.tensor_sq = None
             return torch.zeros(n_groups, 5), torch.zeros(n_groups)
-        if signature != self._signature:
+        if signature != self._signature or first.device != self._device:
             self._build(grads, signature)
         dev = self._device
         assert dev is not None and self._to_group is not None and self._numel is not None
@@ -210,10 +222,17 @@ class GradStatsPlan:
         amax = torch.zeros(len(grads), device=dev)
         for bucket in self._buckets:
             bucket.reduce_into(grads, per, amax)
-        self.tensor_sq = per[:, 0]
-        numel = self._numel
-        zeros = numel - per[:, 2]
-        table = torch.stack([per[:, 0], per[:, 1], zeros, per[:, 3], numel], dim=1)
+        sq = per[:, 0]
+        if dev.type == "cpu" and not bool(torch.isfinite(sq).all()):
+            # a sum of squares is Inf/NaN only where a value is (or a square overflows): count those exactly;
+            # reading the flag waits for no device on the CPU (elsewhere the buckets counted on the device)
+            for t in torch.nonzero(~torch.isfinite(sq)).flatten().tolist():
+                g = grads[t]
+                assert g is not None
+                per[t, 3] = (~torch.isfinite(g)).sum()
+                per[t, 2] += torch.isnan(g).sum()  # sign(NaN) is 0; count_nonzero counts a NaN
+        self.tensor_sq = sq
+        table = torch.stack([sq, per[:, 1], self._numel - per[:, 2], per[:, 3], self._numel], dim=1)
         if self._weights is not None:
             table = table * self._weights[:, None]
         sums = torch.zeros(n_groups, 5, device=dev).index_add_(0, self._to_group, table)
@@ -250,85 +269,125 @@ class GradStatsPlan:
         return self.per_group(sq)
 
 
+class _Chunk:
+    """Rows of one width reduced together: gradients (or pieces of them) copied into the start of the bucket's
+    buffer, seen there as ``(rows, width)``; each row holds values of one gradient only (a gradient whose size is
+    not a multiple of the width ends in a zero-padded row). ``outs``: this chunk's slices of the per-row results."""
+
+    __slots__ = ("x", "dst", "full", "pieces", "zero", "outs")
+
+    def __init__(self, buffer: torch.Tensor, width: int, rows: int, parts: list[tuple[int, int, int, int]],
+                 grads: list[Optional[torch.Tensor]], res: torch.Tensor, top: torch.Tensor, row0: int) -> None:
+        self.x = buffer[: rows * width].view(rows, width)
+        whole = [(t, off) for t, a, b, off in parts if a == 0 and b == grads[t].numel()]  # type: ignore[union-attr]
+        cut = [(t, a, b, off) for t, a, b, off in parts if not (a == 0 and b == grads[t].numel())]  # type: ignore[union-attr]
+        self.full = [t for t, _ in whole]
+        self.pieces = [(t, a, b) for t, a, b, _ in cut]
+        # destinations shaped like the gradients (one ``_foreach_copy_`` whatever their strides), then the pieces
+        self.dst = [buffer[off : off + grads[t].numel()].view(grads[t].shape) for t, off in whole]  # type: ignore[union-attr]
+        self.dst += [buffer[off : off + b - a] for _, a, b, off in cut]
+        self.zero = any((b - a) % width for _, a, b, _ in parts)  # a partly filled row: its padding must read 0
+        r = slice(row0, row0 + rows)
+        self.outs = (res[0, r], res[1, r], res[2, r], res[3, r], res[4, r], top[r])
+
+
+def _pow2_width(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n``, at most ``cap``."""
+    return min(n & -n, cap)
+
+
 class _Bucket:
-    """The gradients of one (device, dtype): the packed small ones (chunks of rows) and the in-place large ones."""
+    """The gradients of one (device, dtype), as rows in chunks that fit the buffer (see :class:`GradStatsPlan`)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], grads: list[Optional[torch.Tensor]],
                  chunk: int, out_device: torch.device) -> None:
         self.device, self.dtype, self.out_device = device, dtype, out_device
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # sums never in half precision
-        self.large = [t for t in members if grads[t].numel() >= INPLACE_MIN]  # type: ignore[union-attr]
-        small = [t for t in members if grads[t].numel() < INPLACE_MIN]  # type: ignore[union-attr]
-        self.large_index = torch.tensor(self.large, dtype=torch.long, device=out_device)
-        # chunks: (tensor ids, offsets, rows, row -> tensor index)
-        self.chunks: list[tuple[list[int], list[int], int, torch.Tensor]] = []
-        ids: list[int] = []
-        offs: list[int] = []
-        rows_of: list[int] = []
-        used = 0
-        for t in small:
-            n = grads[t].numel()  # type: ignore[union-attr]
-            rows = -(-n // BLOCK) if n else 0
-            if used + rows * BLOCK > chunk and ids:
-                self.chunks.append((ids, offs, used // BLOCK, torch.tensor(rows_of, dtype=torch.long, device=out_device)))
-                ids, offs, rows_of, used = [], [], [], 0
-            ids.append(t)
-            offs.append(used)
-            rows_of += [t] * rows
-            used += rows * BLOCK
-        if ids:
-            self.chunks.append((ids, offs, used // BLOCK, torch.tensor(rows_of, dtype=torch.long, device=out_device)))
-        size = max((c[2] for c in self.chunks), default=0) * BLOCK
-        self.buffer = torch.zeros(size, dtype=dtype, device=device)
-        self.views = [[self.buffer[o : o + grads[t].numel()] for t, o in zip(c[0], c[1])] for c in self.chunks]  # type: ignore[union-attr]
+        sizes = {t: grads[t].numel() for t in members}  # type: ignore[union-attr]
+        cap = min(ROW_MAX, 1 << (chunk.bit_length() - 1))  # a row fits the buffer
+        # each gradient is cut into rows of the largest power of two dividing its size (no padding), or padded to
+        # rows of BLOCK when that power is small (a size like 10)
+        classes: dict[int, list[int]] = {}
+        padded: list[int] = []
+        for t in members:
+            n = sizes[t]
+            if n:
+                w = _pow2_width(n, cap)
+                if w < min(n, BLOCK, cap):
+                    padded.append(t)
+                else:
+                    classes.setdefault(w, []).append(t)
+        # a width holding few values joins the next narrower one (a smaller power of two divides too): fewer chunks
+        widths = sorted(classes, reverse=True)
+        for w, narrower in zip(widths, widths[1:]):
+            if sum(sizes[t] for t in classes[w]) < chunk // 4:
+                classes[narrower] = classes.pop(w) + classes[narrower]
+        if padded:
+            w = min([v for v in classes if v <= BLOCK] or [min(BLOCK, cap)])
+            classes[w] = classes.get(w, []) + padded
+        plan: list[tuple[int, int, list[tuple[int, int, int, int]]]] = []  # (width, rows, [(t, a, b, offset)])
+        for w in sorted(classes, reverse=True):
+            per_chunk = max(1, chunk // w)
+            rows, parts = 0, []
+            for t in classes[w]:
+                n, a = sizes[t], 0
+                while a < n:
+                    if rows == per_chunk:
+                        plan.append((w, rows, parts))
+                        rows, parts = 0, []
+                    b = min(n, a + (per_chunk - rows) * w)
+                    parts.append((t, a, b, rows * w))
+                    rows += -(-(b - a) // w)
+                    a = b
+            if parts:
+                plan.append((w, rows, parts))
+        n_rows = sum(rows for _, rows, _ in plan)
+        self.buffer = torch.zeros(max((w * rows for w, rows, _ in plan), default=0), dtype=dtype, device=device)
+        # per row: norm, sum, non-zeros, non-finite, NaN (the last two only where counted on the device)
+        self.res = torch.zeros(5, n_rows, dtype=self.acc, device=device)
+        self.top = torch.zeros(n_rows, dtype=dtype, device=device)  # max |g| per row
+        self.chunks: list[_Chunk] = []
+        row_tensor: list[int] = []
+        for w, rows, parts in plan:
+            self.chunks.append(_Chunk(self.buffer, w, rows, parts, grads, self.res, self.top, len(row_tensor)))
+            for t, a, b, _ in parts:
+                row_tensor += [t] * -(-(b - a) // w)
+        self.row_tensor = torch.tensor(row_tensor, dtype=torch.long, device=out_device)
 
     def reduce_into(self, grads: list[Optional[torch.Tensor]], per: torch.Tensor, amax: torch.Tensor) -> None:
-        exact_on_host = self.device.type == "cpu"
-        for (ids, _, rows, row_index), views in zip(self.chunks, self.views):
-            src = [grads[t] for t in ids]
-            if len(self.chunks) > 1 or any(g is None for g in src):
-                self.buffer[: rows * BLOCK].zero_()  # padding and absent gradients read as zeros
-            have = [(v, g.reshape(-1)) for v, g in zip(views, src) if g is not None]
-            if have:
-                torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
-            x = self.buffer[: rows * BLOCK].view(rows, BLOCK)
-            sq = torch.linalg.vector_norm(x, 2, dim=1, dtype=self.acc).square().float()
-            s = x.sum(dim=1, dtype=self.acc).float()
-            top = torch.maximum(x.amax(dim=1), -x.amin(dim=1)).float()
-            nz = torch.count_nonzero(x, dim=1).float()
-            nf = _nonfinite_rows(x, sq, exact_on_host)
-            vals = torch.stack([sq, s, nz, nf], dim=1).to(self.out_device)
-            per.index_add_(0, row_index, vals)
-            amax.scatter_reduce_(0, row_index, top.to(self.out_device), reduce="amax", include_self=True)
-        large = [(t, grads[t]) for t in self.large if grads[t] is not None]
-        if not large:
+        """Add this bucket's per-tensor sums of squares, sums, non-zero counts (and, off the CPU, non-finite counts)
+        into ``per`` ``(tensors, 4)`` and max |g| into ``amax``."""
+        if not self.chunks:
             return
-        tensors = [g for _, g in large]
-        sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=self.acc)).square().float()  # type: ignore[arg-type]
-        wide = self.dtype == self.acc
-        s = torch.stack([g.sum() if wide else g.sum(dtype=self.acc) for g in tensors]).float()
-        nz = torch.stack([torch.count_nonzero(g) for g in tensors]).float()
-        tops = torch.maximum(torch.stack([g.amax() for g in tensors]), -torch.stack([g.amin() for g in tensors])).float()
-        if exact_on_host and bool(torch.isfinite(sq).all()):
-            nf = torch.zeros_like(sq)
-        else:
-            nf = torch.stack([_nonfinite_rows(g.reshape(1, -1), q.reshape(1), exact_on_host)[0] for g, q in zip(tensors, sq)])
-        vals = torch.stack([sq, s, nz, nf], dim=1)
-        index = self.large_index if len(large) == len(self.large) else torch.tensor(
-            [t for t, _ in large], dtype=torch.long, device=self.out_device)
-        per.index_add_(0, index, vals.to(self.out_device))
-        amax.scatter_reduce_(0, index, tops.to(self.out_device), reduce="amax", include_self=True)
-
-
-def _nonfinite_rows(x: torch.Tensor, sq: torch.Tensor, exact_on_host: bool) -> torch.Tensor:
-    """Count of non-finite values per row of ``x``, given each row's sum of squares ``sq`` (finite: none).
-
-    On the CPU the count is only taken when some row's ``sq`` is not finite (reading that flag waits for no
-    device); elsewhere it is always taken, with no host read."""
-    bad = ~torch.isfinite(sq)
-    if exact_on_host and not bool(bad.any()):
-        return torch.zeros_like(sq)
-    return torch.where(bad, (~torch.isfinite(x)).sum(dim=1).float(), torch.zeros_like(sq))
+        on_device = self.device.type != "cpu"  # count non-finite values on the device (no host read there)
+        acc = self.acc
+        for ch in self.chunks:
+            if ch.zero:
+                ch.x.zero_()  # padding reads as zeros (the buffer holds other chunks' values)
+            srcs = [grads[t] for t in ch.full]
+            if ch.pieces:
+                srcs += [grads[t].reshape(-1)[a:b] for t, a, b in ch.pieces]  # type: ignore[union-attr]
+            torch._foreach_copy_(ch.dst, srcs)  # type: ignore[arg-type]
+            x = ch.x
+            norm, total, nonzero, nonfinite, nans, top = ch.outs
+            torch.linalg.vector_norm(x, 2, dim=1, dtype=acc, out=norm)
+            torch.sum(x, 1, dtype=acc, out=total)
+            if on_device:
+                torch.sum(~torch.isfinite(x), 1, dtype=acc, out=nonfinite)
+                torch.sum(torch.isnan(x), 1, dtype=acc, out=nans)
+            # the copy is scratch from here: |g| for the maximum, then sign(|g|) (1 where g != 0) for the count,
+            # both in place: a pass each, and far cheaper than amax + amin + count_nonzero on a CPU
+            x.abs_()
+            torch.amax(x, 1, out=top)
+            x.sign_()
+            torch.sum(x, 1, dtype=acc, out=nonzero)
+        res = self.res
+        # sign(NaN) is 0 where count_nonzero counts a NaN: NaNs are added back (on the CPU by the caller, only
+        # when a sum of squares is not finite)
+        vals = torch.stack([res[0].square(), res[1], res[2] + res[4] if on_device else res[2], res[3]], dim=1)
+        per.index_add_(0, self.row_tensor, vals.to(device=self.out_device, dtype=per.dtype))
+        amax.scatter_reduce_(0, self.row_tensor, self.top.to(device=self.out_device, dtype=amax.dtype), reduce="amax",
+                             include_self=True)
 
 
 def grad_statistics(groups: Sequence[LayerGroup]) -> torch.Tensor:

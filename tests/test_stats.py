@@ -1,5 +1,5 @@
 """Per-layer statistics against independent float64 references: every path of the batched gradient moments
-(packed small gradients in one or several chunks, large gradients in place, missing gradients, non-finite values,
+(packed small gradients in one or several chunks, gradients spanning chunks, missing gradients, non-finite values,
 mixed dtypes, a plan reused while the gradients change), update ratios with the bounded tracker, weight norms,
 activation statistics, histograms, host transfer, and the layer grouping the monitor reports.
 
@@ -14,13 +14,15 @@ from torch import nn
 
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
 from lightning_gradguard.stats import (
-    BLOCK, INPLACE_MIN, MIN_CHUNK, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
+    BLOCK, MIN_CHUNK, ROW_MAX, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
     activation_statistics_batch, grad_moments, grad_statistics, grad_statistics_from, histogram, layer_groups,
     shared_activations, snapshot, to_host, unit_dim_for, update_ratios, update_ratios_from, update_sq, weight_norms,
     weight_sq,
 )
 
 NAN, INF = float("nan"), float("inf")
+#: a gradient larger than the packed buffer's floor (MIN_CHUNK): it spans several chunks
+LARGE = 1 << 14
 
 
 def _group(name, *shapes, dtype=torch.float32, seed=0):
@@ -69,8 +71,8 @@ def test_small_gradients_in_several_chunks_leave_no_stale_padding():
     _check(groups, memory_fraction=1.0)
 
 
-def test_large_gradients_are_reduced_in_place_with_the_small_ones():
-    side = int(INPLACE_MIN**0.5) + 1  # one gradient above the in-place bound, next to small ones in the same layer
+def test_gradients_larger_than_a_chunk_span_chunks_next_to_the_small_ones():
+    side = int(LARGE**0.5) + 1  # gradients larger than a chunk, next to small ones in the same layer
     groups = [_group("big", (side, side), (side,)), _group("small", (4, 4), seed=3), _group("big2", (side + 1, side), seed=4)]
     groups[0].params[0].grad[0, :10] = 0.0
     _check(groups)
@@ -80,7 +82,7 @@ def test_large_gradients_are_reduced_in_place_with_the_small_ones():
 
 
 def test_nonfinite_values_in_small_and_large_gradients_are_counted():
-    side = int(INPLACE_MIN**0.5) + 1
+    side = int(LARGE**0.5) + 1
     groups = [_group("small", (6, 50), (6,)), _group("big", (side, side), seed=1), _group("clean", (7,), seed=2)]
     groups[0].params[0].grad[1, 3] = NAN
     groups[0].params[0].grad[4, 0] = INF
@@ -372,19 +374,26 @@ def _uniform(n, numel, dtype=torch.float32):
 
 def test_packed_buffer_respects_the_memory_bound_and_the_chunk_count():
     """The documented bound: the packed buffer holds at most max(memory_fraction × gradient elements, MIN_CHUNK)
-    elements (rounded up to a row), and the gradients are packed greedily into as few chunks as fit."""
-    assert (BLOCK, MIN_CHUNK) == (128, 4096)
-    groups = _uniform(60, 200)  # 12000 elements, 2 rows (256 slots) each
-    for fraction, per_chunk in [(0.01, 16), (0.51, 24), (0.5, 23)]:
+    elements (rounded up to a row of BLOCK), and rows are packed greedily into as few chunks as fit (a gradient
+    may span two chunks)."""
+    assert (BLOCK, MIN_CHUNK, ROW_MAX) == (128, 4096, 1024)
+    groups = _uniform(60, 200)  # 12000 elements; 200 = 8 × 25: two rows of BLOCK each, the second padded
+    for fraction, rows_per_chunk in [(0.01, 32), (0.51, 48), (0.5, 47)]:  # 0.5: a gradient spans two chunks
         plan = _check(groups, memory_fraction=fraction)
         (bucket,) = plan._buckets
         bound = -(-max(MIN_CHUNK, int(fraction * 12000)) // BLOCK) * BLOCK
-        sizes = [len(c[0]) for c in bucket.chunks]
-        assert sizes == [per_chunk] * (60 // per_chunk) + ([60 % per_chunk] if 60 % per_chunk else []), fraction
-        assert bucket.buffer.numel() == per_chunk * 256 <= bound
-    only_large = [_group("big", (INPLACE_MIN,))]
-    plan = _check(only_large)
-    assert plan._buckets[0].buffer.numel() == 0 and plan._buckets[0].chunks == []
+        rows = [c.x.shape for c in bucket.chunks]
+        full, rest = divmod(120, rows_per_chunk)
+        assert rows == [(rows_per_chunk, BLOCK)] * full + ([(rest, BLOCK)] if rest else []), fraction
+        assert bucket.buffer.numel() == rows_per_chunk * BLOCK <= bound
+    # a gradient of 2^14 elements: rows of ROW_MAX, in chunks of the floor's 4 rows; no padding, no zeroing
+    plan = _check([_group("big", (LARGE,))])
+    (bucket,) = plan._buckets
+    assert [tuple(c.x.shape) for c in bucket.chunks] == [(4, ROW_MAX)] * 4 and not any(c.zero for c in bucket.chunks)
+    assert bucket.buffer.numel() == MIN_CHUNK
+    # sizes with a large power-of-two factor are not padded: 40 × 256 elements fill rows of 256 exactly
+    plan = _check(_uniform(40, 256), memory_fraction=1.0)
+    assert [tuple(c.x.shape) for c in plan._buckets[0].chunks] == [(40, 256)]
 
 
 def test_gradients_filling_whole_rows_stay_on_their_own_layers():
@@ -394,7 +403,7 @@ def test_gradients_filling_whole_rows_stay_on_their_own_layers():
 
 
 def test_large_half_precision_gradients_are_summed_in_float32():
-    side = int(INPLACE_MIN**0.5) + 1
+    side = int(LARGE**0.5) + 1
     groups = [_group("bf16", (side, side), dtype=torch.bfloat16), _group("small", (3,), dtype=torch.bfloat16, seed=1)]
     with torch.no_grad():
         groups[0].params[0].grad.add_(3.0)  # a large common offset: a bf16 running sum would lose it
@@ -428,7 +437,7 @@ def test_everything_stays_on_the_gradients_device():
             params.append(p)
         return LayerGroup(name, nn.Identity(), params, name)
 
-    side = int(INPLACE_MIN**0.5) + 1
+    side = int(LARGE**0.5) + 1
     groups = [grp("a", (8, 8), (8,)), grp("b", (side, side)), grp("c", (3,))]
     plan = GradStatsPlan(groups)
     outs = {"moments": plan.moments(), "per_group": plan.per_group(torch.empty(4, device=dev)),
