@@ -11,6 +11,7 @@ Text, histograms, images and the custom-scalar layout go to the ``SummaryWriter`
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -80,9 +81,10 @@ def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
     """Scalars to every Lightning logger of the Trainer (TensorBoard, CSV, ...), rank 0 only, like
     ``LearningRateMonitor`` does; one call per logging step.
 
-    For a TensorBoard logger all values go into *one* event (one ``Summary`` with many values) instead of
-    one ``add_scalar`` event each: the writer's queue holds 10 events, so hundreds of per-layer scalars
-    written one by one wait on the writer thread (measured ~45 ms per step for 600 scalars).
+    For a TensorBoard logger all values go into *one* event (one ``Summary`` with many values, built by
+    :func:`scalar_summary`) instead of one ``add_scalar`` event each: the writer's queue holds 10 events, so
+    hundreds of per-layer scalars written one by one wait on the writer thread (measured ~45 ms per step for 600
+    scalars); its checksum is computed by :func:`install_fast_crc`'s vectorized CRC.
 
     ``loggers``: ``tensorboard`` writes only to the TensorBoard loggers (safe from ``GradientMonitor``'s
     writer thread: the event file writer has its own locked queue), ``others`` only to the rest (called on
@@ -95,12 +97,69 @@ def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
         if (loggers == "tensorboard" and not is_tb) or (loggers == "others" and is_tb):
             continue
         if is_tb:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
-            lg.experiment._get_file_writer().add_summary(Summary(value=values), step)
+            install_fast_crc()
+            lg.experiment._get_file_writer().add_summary(scalar_summary(metrics), step)
         else:
             lg.log_metrics(metrics, step=step)
+
+
+#: per tuple of tags: the wire format of their ``Summary`` (each value's bytes up to its float, then the float)
+_SUMMARY_FORMATS: dict[tuple[str, ...], tuple[struct.Struct, list[Any]]] = {}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _value_prefix(tag: str) -> bytes:
+    name = tag.encode("utf-8")
+    inner = b"\x0a" + _varint(len(name)) + name + b"\x15"  # Value: field 1 tag (bytes), field 2 simple_value (float)
+    return b"\x0a" + _varint(len(inner) + 4) + inner  # Summary: field 1 value (message)
+
+
+def scalar_summary(metrics: dict[str, float]) -> Any:
+    """One TensorBoard ``Summary`` holding every value of ``metrics`` as a ``simple_value``: the message
+    ``Summary(value=[Summary.Value(tag=k, simple_value=v) ...])``, packed from its wire format (made once per set of
+    tags) in one ``struct`` call and parsed in one call, ~10× faster than building hundreds of ``Summary.Value``
+    objects. Values are stored as float32, as TensorBoard does (a finite value beyond float32's range as ±inf, as
+    protobuf does)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    tags = tuple(metrics)
+    cached = _SUMMARY_FORMATS.get(tags)
+    if cached is None:
+        if len(_SUMMARY_FORMATS) > 64:
+            _SUMMARY_FORMATS.clear()
+        prefixes = [_value_prefix(t) for t in tags]
+        template: list[Any] = [0.0] * (2 * len(tags))
+        template[0::2] = prefixes
+        cached = _SUMMARY_FORMATS[tags] = (struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), template)
+    layout, template = cached
+    args = template.copy()
+    args[1::2] = [float(v) for v in metrics.values()]
+    try:
+        data = layout.pack(*args)
+    except OverflowError:  # a finite value beyond float32's range: ±inf
+        import numpy as np
+
+        with np.errstate(over="ignore"):
+            args[1::2] = np.asarray(args[1::2], dtype=np.float64).astype(np.float32).tolist()
+        data = layout.pack(*args)
+    return Summary.FromString(data)
+
+
+def install_fast_crc() -> None:
+    """TensorBoard checksums every record in pure Python on its writer thread (~1.5 ms for a 20 KB event, GIL held):
+    use the vectorized, bit-identical :func:`lightning_gradguard._event_crc.masked_crc32c` instead (for records
+    of 1 KiB and more)."""
+    from lightning_gradguard import _event_crc
+
+    _event_crc.install()
 
 
 def log_histogram(trainer: "pl.Trainer", tag: str, values: list[float], step: int) -> None:

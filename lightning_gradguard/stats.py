@@ -262,8 +262,9 @@ class GradStatsPlan:
         weighted when ``sharded``; sum over ranks, then sqrt)."""
         if not self.params:
             return torch.zeros(len(self.groups))
-        local = [distributed.local(p.detach()) for p in self.params]
-        sq = torch.stack(torch._foreach_norm(local, 2)).float() ** 2
+        with torch.no_grad():  # no per-parameter ``detach``
+            local = [distributed.local(p) for p in self.params] if self.sharded else self.params
+            sq = torch.stack(torch._foreach_norm(local, 2)).float() ** 2
         if self.sharded:
             sq = sq * distributed.count_weights(self.params, sq.device)
         return self.per_group(sq)

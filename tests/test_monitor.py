@@ -72,7 +72,10 @@ def test_scalars_match_direct_computation(tmp_path):
             w0 = torch.cat([rec.before[step][f"{layer}.weight"].flatten(), rec.before[step][f"{layer}.bias"].flatten()])
             w1 = torch.cat([rec.after[step][f"{layer}.weight"].flatten(), rec.after[step][f"{layer}.bias"].flatten()])
             assert _scalar(events, f"grad_norm/{layer}", step) == pytest.approx(g.norm().item(), rel=1e-5)
-            assert _scalar(events, f"grad_mean/{layer}", step) == pytest.approx(g.mean().item(), rel=1e-4, abs=1e-9)
+            # float32 sums: a mean that cancels to ~1e-10 (the output layer's) is only known to float32 rounding of
+            # its terms' magnitudes, whatever the order of summation
+            f32 = 4 * torch.finfo(torch.float32).eps * g.abs().mean().item()
+            assert _scalar(events, f"grad_mean/{layer}", step) == pytest.approx(g.mean().item(), rel=1e-4, abs=f32)
             assert _scalar(events, f"grad_std/{layer}", step) == pytest.approx(g.std(unbiased=False).item(), rel=1e-4)
             assert _scalar(events, f"grad_max/{layer}", step) == pytest.approx(g.abs().max().item(), rel=1e-6)
             assert _scalar(events, f"grad_zero_frac/{layer}", step) == pytest.approx((g == 0).float().mean().item())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from operator import itemgetter
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -216,6 +217,7 @@ class GradientMonitor(Callback):
             update_ratio_high, update_ratio_low, input_std_max,
         )
         self.groups: list[LayerGroup] = []
+        self._state_key: Optional[tuple[tuple, str]] = None
         self._every = 1
         self._log_step: Optional[int] = None
         self._logging = False
@@ -227,11 +229,13 @@ class GradientMonitor(Callback):
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._ratios: dict[int, float] = {}  # each layer's last measured update ratio
         self._tag_cache: dict[int, tuple] = {}
+        self._label_cache: dict[int, str] = {}
+        self._layout_cache: dict[tuple, tuple[list[str], list[int]]] = {}
         self._hook_targets: Optional[list[tuple]] = None
         self._writer: Optional[BackgroundWriter] = None
         self._done: deque = deque()  # logging steps the writer thread finished, for the training thread
         self._loss_nonfinite: Optional[bool] = None
-        self._mine: dict[int, tuple[int, list[int]]] = {}
+        self._mine: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._act_acc = ActivationAccumulator(saturation_eps)
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
@@ -262,8 +266,12 @@ class GradientMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        # two monitors at different cadences (or granularities) can watch one run, each with its own state
-        return self._generate_state_key(per_parameter=self.per_parameter, log_every_n_steps=self.log_every_n_steps)
+        # two monitors at different cadences (or granularities) can watch one run, each with its own state. Lightning
+        # reads it on every hook call (profiler names): made once per setting, not per call
+        key = (self.per_parameter, self.log_every_n_steps)
+        if self._state_key is None or self._state_key[0] != key:
+            self._state_key = (key, self._generate_state_key(per_parameter=key[0], log_every_n_steps=key[1]))
+        return self._state_key[1]
 
     # ------------------------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -277,6 +285,7 @@ class GradientMonitor(Callback):
         self.groups = layer_groups(pl_module, self.per_parameter, sample_input=sample_batch_provider(trainer, pl_module))
         self._sharded = any_dtensor(list(pl_module.parameters()))
         self._plans, self._trackers, self._pos_cache, self._ratios, self._tag_cache = {}, {}, {}, {}, {}
+        self._label_cache, self._layout_cache = {}, {}
         self._hook_targets = None
         self._writer = BackgroundWriter()
         self._index = {id(p): i for i, g in enumerate(self.groups) for p in g.params}
@@ -401,7 +410,7 @@ class GradientMonitor(Callback):
         if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu" \
                 and loss.numel() == 1:
             # the loss passed to backward (micro-batches OR together); on the CPU reading it waits for nothing
-            bad = not math.isfinite(loss.detach().item())
+            bad = not math.isfinite(loss.item())
             self._loss_nonfinite = bad or bool(self._loss_nonfinite)
 
     def on_before_optimizer_step(
@@ -410,14 +419,15 @@ class GradientMonitor(Callback):
         step = trainer.global_step
         loss_bad, self._loss_nonfinite = self._loss_nonfinite, None
         mine = self._mine_of(optimizer)
-        if not mine:
+        if not mine or (not self._logging and self.nonfinite_check == "logging_steps"):
             return
         key = (step, id(optimizer))
         norms = step_norms_for(trainer)
-        todo = tuple(i for i in mine if i not in self._grad)  # manual optimization: each optimizer once per batch
         sq: Optional[torch.Tensor] = None
-        plan = self._plan_for(tuple(mine))
-        if self._logging and todo:
+        plan = self._plan_for(mine)
+        # manual optimization: each optimizer once per batch
+        todo = tuple(i for i in mine if i not in self._grad) if self._logging else ()
+        if todo:
             tplan = self._plan_for(todo)
             sums, maxes = tplan.moments()  # this rank's parts; ranks are combined at the end of the step
             self._step_stats.append((todo, sums, maxes, tplan))
@@ -447,20 +457,21 @@ class GradientMonitor(Callback):
                 # name that step and those layers
                 wsq = self._tensor_sq(plan, weights=True)
                 if wsq is not None and not bool(torch.isfinite(wsq).all()):
-                    self._track_nonfinite(tuple(mine), plan, wsq, step - 1, hard=False)
+                    self._track_nonfinite(mine, plan, wsq, step - 1, hard=False)
                     return
             sq = self._tensor_sq(plan)
             if sq is None:
                 return
             norms.publish(key, plan.params, sq)
-        self._track_nonfinite(tuple(mine), plan, sq, step)
+        self._track_nonfinite(mine, plan, sq, step)
 
-    def _mine_of(self, optimizer: torch.optim.Optimizer) -> list[int]:
+    def _mine_of(self, optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
         """The layers of ``optimizer``'s parameters (found once per optimizer and parameter count)."""
         count = sum(len(grp["params"]) for grp in optimizer.param_groups)
         cached = self._mine.get(id(optimizer))
         if cached is None or cached[0] != count:
-            mine = sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"] if id(p) in self._index})
+            mine = tuple(sorted({self._index[id(p)] for grp in optimizer.param_groups for p in grp["params"]
+                                 if id(p) in self._index}))
             cached = self._mine[id(optimizer)] = (count, mine)
         return cached[1]
 
@@ -519,7 +530,8 @@ class GradientMonitor(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
-        self._losses.append(loss.detach().reshape(()))
+        loss = loss.detach()
+        self._losses.append(loss if loss.dim() == 0 else loss.reshape(()))
         self._loss_steps.append(step)
 
     def on_train_batch_end(
@@ -633,6 +645,41 @@ class GradientMonitor(Callback):
                                          f"weight_norm/{name}", f"update_ratio/{name}", [f"{s}/{name}" for s in ACT_STATS])
         return tags
 
+    def _label(self, i: int) -> str:
+        """Layer ``i``'s label (made once)."""
+        label = self._label_cache.get(i)
+        if label is None:
+            label = self._label_cache[i] = self.groups[i].label()
+        return label
+
+    def _layout(self, ctx: "_StepContext") -> tuple[list[str], list[int]]:
+        """The scalar tags of a logging step and, for each, its position in the host values laid out as
+        ``grad (n × 6) | log10 norm (n) | weight norm (n) | update ratio (n) | activations (n_act × 4)``; made once
+        per set of layers, activation rows and measured update ratios (a few sets: the update ratios rotate)."""
+        key = (tuple(ctx.idx), tuple(ctx.act_idx), tuple(ctx.measured))
+        cached = self._layout_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._layout_cache) > 64:
+            self._layout_cache.clear()
+        k, ka, n = len(GRAD_STATS), len(ACT_STATS), len(ctx.idx)
+        act_at = {i: j for j, i in enumerate(ctx.act_idx)}
+        tags: list[str] = []
+        order: list[int] = []
+        for j, i in enumerate(ctx.idx):
+            grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
+            tags += grad_tags + [log_tag, w_tag]
+            order += [j * k + c for c in range(k)] + [n * k + j, n * k + n + j]
+            if ctx.measured[j]:
+                tags.append(r_tag)
+                order.append(n * k + 2 * n + j)
+            ja = act_at.get(i)
+            if ja is not None:
+                tags += act_tags
+                order += [n * k + 3 * n + ja * ka + c for c in range(ka)]
+        self._layout_cache[key] = (tags, order)
+        return tags, order
+
     def _write(self, trainer: "pl.Trainer", ctx: "_StepContext", host: list[list[float]]) -> None:
         """On the writer thread: format this logging step's values and write them to TensorBoard; queue the
         rest (other loggers, detectors, heatmap) for the training thread."""
@@ -641,43 +688,32 @@ class GradientMonitor(Callback):
         nf_layers_h = host[6 + ctx.n_nf]
         hist_h = host[7 + ctx.n_nf :]
         k, ka = len(GRAD_STATS), len(ACT_STATS)
-        tags: list[str] = []
-        values: list[float] = []
+        n = len(ctx.idx)
+        tags, order = self._layout(ctx)
+        log10 = math.log10
+        norms = grad_h[0::k]
+        logs = [log10(v) if 0 < v < math.inf else (-30.0 if v == 0 else math.nan) for v in norms]
+        flat = grad_h + logs + wnorm_h + ratio_h + acts_h  # the values in the order ``order`` indexes
+        values = list(itemgetter(*order)(flat)) if len(order) > 1 else [flat[p] for p in order]
         rows: list[LayerRow] = []
         act_at = {i: j for j, i in enumerate(ctx.act_idx)}
-        log10 = math.log10
         for j, (i, g) in enumerate(zip(ctx.idx, ctx.sub)):
-            grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
-            gv = grad_h[j * k : (j + 1) * k]
-            norm = gv[0]
-            tags += grad_tags
-            values += gv
-            tags.append(log_tag)
-            values.append(log10(norm) if 0 < norm < math.inf else (-30.0 if norm == 0 else math.nan))
-            tags.append(w_tag)
-            values.append(wnorm_h[j])
             if ctx.measured[j]:
-                tags.append(r_tag)
-                values.append(ratio_h[j])
                 self._ratios[i] = ratio_h[j]
             ja = act_at.get(i)
-            a = None
-            if ja is not None:
-                a = acts_h[ja * ka : (ja + 1) * ka]
-                tags += act_tags
-                values += a
+            a = None if ja is None else acts_h[ja * ka : (ja + 1) * ka]
             dead = a[2] if a is not None and g.activation in ("relu", "relu6") else None
             sat = a[3] if a is not None and g.activation in ("sigmoid", "tanh") else None
             act_ok = None if a is None else (math.isfinite(a[0]) and math.isfinite(a[1]))
-            rows.append(LayerRow(g.name, g.label(), g.activation, norm, gv[5], dead, sat,
+            rows.append(LayerRow(g.name, self._label(i), g.activation, norms[j], grad_h[j * k + 5], dead, sat,
                                  _is_compute(g), self._ratios.get(i), act_ok))
-        norms = [r.grad_norm for r in rows]
+        assert len(rows) == n
         total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
         weighted = [r.grad_norm for r, g in zip(rows, ctx.sub) if g.info is not None]
         flow = weighted[0] / weighted[-1] if len(weighted) > 1 and weighted[-1] > 0 else float("nan")
-        tags += ["gradguard/grad_norm_total", "gradguard/flow_ratio", "gradguard/nonfinite_total"]
-        values += [total, flow, sum(r.grad_nonfinite for r in rows)]
         metrics = dict(zip(tags, values))
+        metrics.update({"gradguard/grad_norm_total": total, "gradguard/flow_ratio": flow,
+                        "gradguard/nonfinite_total": sum(r.grad_nonfinite for r in rows)})
         log_metrics(trainer, metrics, ctx.step, loggers="tensorboard")
         for tag, hv in zip(ctx.hist_tags, hist_h):
             log_histogram(trainer, tag, hv, ctx.step)
