@@ -8,12 +8,13 @@ end of the step, no float32 stack of all of them):
   the sample std follow as ``s/n`` and ``sqrt((q - n·mean²)/(n-1))``, to float64 rounding the numbers
   ``torch.std_mean`` gives, which is ~10× slower on a CPU);
 - ReLU family (``relu``, ``relu6``: outputs are never negative): the maximum per unit over every other dim
-  (``amax`` with a dim tuple, one kernel, no copy even for channel-first convolutions), a vector of ``units``
-  values; a unit is dead when its maximum is 0;
+  (``amax`` with a dim tuple, one kernel, no copy even for channel-first convolutions), then how many units
+  have a maximum other than 0 (``count_nonzero``): one number kept per layer; a unit is dead when its maximum
+  is 0;
 - sigmoid/tanh: the count of values within ``eps`` of a bound (three small kernels).
 
-:meth:`ActivationAccumulator.finish` turns them into the ``ACT_STATS`` rows of all layers at once (a stack,
-one ``cat`` of the count vectors, one ``index_add_`` over layers with an index kept between steps).
+:meth:`ActivationAccumulator.finish` turns them into the ``ACT_STATS`` rows of all layers at once (a few stacks
+and element-wise kernels, with the constant vectors kept between steps).
 
 Columns (:data:`lightning_gradguard.stats.ACT_STATS`): mean, std (population), fraction of dead units (a
 ReLU-family unit whose output is 0 for every sample and position of the batch), fraction of saturated values.
@@ -41,9 +42,9 @@ class ActivationAccumulator:
     def __init__(self, eps: float = 0.01) -> None:
         self.eps = float(eps)
         self._moments: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._nonzero: dict[int, torch.Tensor] = {}
+        self._nonzero: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (units alive, units)
+        self._dims: dict[tuple[int, int], tuple[int, ...]] = {}
         self._saturated: dict[int, tuple[torch.Tensor, int]] = {}
-        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._consts: dict[tuple, torch.Tensor] = {}
 
     def __contains__(self, layer: int) -> bool:
@@ -69,7 +70,11 @@ class ActivationAccumulator:
         nonzero = saturated = None
         if activation in RELU_FAMILY and x.dim() >= 2:
             units = unit_dim % x.dim()
-            nonzero = x.amax(dim=tuple(d for d in range(x.dim()) if d != units))
+            dims = self._dims.get((x.dim(), units))
+            if dims is None:
+                dims = self._dims[(x.dim(), units)] = tuple(d for d in range(x.dim()) if d != units)
+            # units that are > 0 somewhere in the batch: one number kept, the per-unit maxima freed at once
+            nonzero = (torch.count_nonzero(x.amax(dim=dims)), x.shape[units])
         if activation in SATURATING_BOUNDS:
             lo, hi = SATURATING_BOUNDS[activation]
             saturated = (((x <= lo + self.eps) | (x >= hi - self.eps)).sum(), x.numel())
@@ -107,21 +112,12 @@ class ActivationAccumulator:
         relu = [k for k in layers if k in self._nonzero]
         if relu:
             pos = {k: j for j, k in enumerate(layers)}
-            key = (tuple(relu), tuple(pos[k] for k in relu), tuple(self._nonzero[k].numel() for k in relu), str(device))
-            cached = self._index.get(key)
-            if cached is None:
-                if len(self._index) > 32:
-                    self._index.clear()
-                seg = torch.tensor([j for j, k in enumerate(relu) for _ in range(self._nonzero[k].numel())],
-                                   dtype=torch.long, device=device)
-                units = torch.tensor([float(self._nonzero[k].numel()) for k in relu], device=device)
-                cached = self._index[key] = (seg, units)
-            seg, units = cached
-            counts = torch.cat([self._nonzero[k].to(device) for k in relu])
-            dead_units = torch.zeros(len(relu), device=device).index_add_(0, seg, (counts == 0).float())
-            at = self._const(("at", key), lambda: torch.tensor(key[1], dtype=torch.long, device=device)) \
+            key = (tuple(pos[k] for k in relu), tuple(self._nonzero[k][1] for k in relu), str(device))
+            units = self._const(("units", key), lambda: torch.tensor([float(u) for u in key[1]], device=device))
+            alive = torch.stack([self._nonzero[k][0].to(device) for k in relu]).float()
+            at = self._const(("at", key), lambda: torch.tensor(key[0], dtype=torch.long, device=device)) \
                 if len(relu) != n else None
-            frac = dead_units / units
+            frac = (units - alive) / units
             dead = frac if at is None else dead.index_copy_(0, at, frac)
         sat = torch.zeros(n, device=device)
         tanh = [(j, k) for j, k in enumerate(layers) if k in self._saturated]

@@ -181,8 +181,7 @@ class GradStatsPlan:
         present = [g for g in grads if g is not None]
         self._device = present[0].device
         total = sum(g.numel() for g in present)
-        chunk = max(MIN_CHUNK, int(self.memory_fraction * total))
-        chunk = -(-chunk // BLOCK) * BLOCK
+        chunk = max(MIN_CHUNK, int(self.memory_fraction * total) // BLOCK * BLOCK)  # whole rows, within the fraction
         by_kind: dict[tuple, list[int]] = {}
         for t, g in enumerate(grads):
             if g is not None:
@@ -239,6 +238,11 @@ class GradStatsPlan:
         maxes = torch.zeros(n_groups, device=dev).scatter_reduce_(0, self._to_group, amax, reduce="amax", include_self=True)
         return sums, maxes
 
+
+    def scratch_buffers(self) -> list[torch.Tensor]:
+        """The packed buffers (one per device and dtype; empty before the first :meth:`moments`). Between two
+        :meth:`moments` calls their contents are free: :class:`UpdateTracker` keeps its copies there."""
+        return [b.buffer for b in self._buckets if b.buffer.numel()]
 
     def per_group(self, per_tensor: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         """Per-tensor values (in :attr:`params` order) combined per layer (``sum`` or ``amax``), with the index
@@ -491,8 +495,10 @@ class UpdateTracker:
     alone, by itself); :meth:`finish` (after the step) subtracts in place and returns this rank's ‖Δw‖² and
     ‖w_before‖² per layer, ``(2, layers)``, and which layers were measured. The next :meth:`begin` goes on
     with the following layers, so every layer is measured once every ``≈ 1/memory_fraction`` logging steps
-    (every logging step with ``memory_fraction=1``, or for a model of at most ``MIN_CHUNK`` elements).
-    Exact for the layers measured: nothing is estimated.
+    (every logging step with ``memory_fraction=1``, or for a model of at most ``MIN_CHUNK`` elements); ``budget``
+    (elements) replaces that bound. The copies go into a caller's scratch buffer when one fits (``begin(scratch)``:
+    ``GradientMonitor`` passes the packed buffer of its :class:`GradStatsPlan`, free once the gradient statistics
+    are taken, so the two share one allocation). Exact for the layers measured: nothing is estimated.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
@@ -505,13 +511,16 @@ class UpdateTracker:
         [True, True]
     """
 
-    def __init__(self, groups: Sequence[LayerGroup], memory_fraction: float = 0.1, sharded: Optional[bool] = None) -> None:
+    def __init__(self, groups: Sequence[LayerGroup], memory_fraction: float = 0.1, sharded: Optional[bool] = None,
+                 budget: Optional[int] = None) -> None:
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"UpdateTracker: memory_fraction={memory_fraction!r} must be in (0, 1]")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"UpdateTracker: budget={budget!r} must be a positive number of elements or None")
         self.groups = list(groups)
         self.sharded = distributed.any_dtensor(_flat(self.groups)[0]) if sharded is None else bool(sharded)
         sizes = [sum(distributed.local(p).numel() for p in g.params) for g in self.groups]
-        self.budget = max(MIN_CHUNK, int(memory_fraction * sum(sizes)))
+        self.budget = max(MIN_CHUNK, int(memory_fraction * sum(sizes))) if budget is None else budget
         self._sizes = sizes
         self._next = 0
         self._taken: list[int] = []
@@ -520,8 +529,10 @@ class UpdateTracker:
         self._index: Optional[torch.Tensor] = None
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
-    def begin(self) -> None:
-        """Copy the next layers' parameters (call right before the optimizer step)."""
+    def begin(self, scratch: Sequence[torch.Tensor] = ()) -> None:
+        """Copy the next layers' parameters (call right before the optimizer step): into the first of ``scratch``
+        (1-D tensors whose contents are free until :meth:`finish`, e.g. :meth:`GradStatsPlan.scratch_buffers`) of
+        their dtype and device that holds them, else into new tensors."""
         self._taken, used = [], 0
         n = len(self.groups)
         for k in range(n):
@@ -536,7 +547,7 @@ class UpdateTracker:
             self._next = (self._taken[-1] + 1) % n
         self._params = [p for gi in self._taken for p in self.groups[gi].params]
         local = [distributed.local(p.detach()) for p in self._params]
-        self._copies = [t.clone() for t in local]
+        self._copies = self._into(scratch, local) if local else []
         self._index = None
         if local:
             key = (tuple(self._taken), str(local[0].device))
@@ -544,6 +555,21 @@ class UpdateTracker:
             if self._index is None:  # made once per subset (a list copied to the device each step would wait)
                 index = [gi for gi in self._taken for _ in self.groups[gi].params]
                 self._index = self._index_cache[key] = torch.tensor(index, dtype=torch.long, device=local[0].device)
+
+    @staticmethod
+    def _into(scratch: Sequence[torch.Tensor], local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of ``local``: views of one scratch buffer when one fits (no new memory), else clones."""
+        need = sum(t.numel() for t in local)
+        kinds = {(t.dtype, t.device) for t in local}
+        for buf in scratch:
+            if need <= buf.numel() and kinds == {(buf.dtype, buf.device)}:
+                views, at = [], 0
+                for t in local:
+                    views.append(buf[at : at + t.numel()].view(t.shape))
+                    at += t.numel()
+                torch._foreach_copy_(views, local)
+                return views
+        return [t.clone() for t in local]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``(2, layers)`` ‖Δw‖², ‖w_before‖² (0 for layers not measured) and a bool ``(layers,)``

@@ -254,6 +254,40 @@ def test_update_tracker_takes_a_layer_larger_than_the_budget_alone_and_everythin
     assert idle.finish()[1].tolist() == [False]
 
 
+def test_update_tracker_keeps_its_copies_in_the_plans_buffer_and_stays_exact():
+    """The copies go into the statistics' packed buffer (no new memory) when they fit, else into new tensors;
+    either way the ratios are exact, and the next moments() call is not disturbed by what the copies left there."""
+    groups = _sizes_model()
+    plan = GradStatsPlan(groups)
+    plan.moments()
+    (buffer,) = plan.scratch_buffers()
+    tracker = UpdateTracker(groups, budget=buffer.numel())
+    for step in range(4):
+        old = [p.detach().clone() for g in groups for p in g.params]
+        plan.moments()
+        tracker.begin(plan.scratch_buffers())
+        assert all(c.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for c in tracker._copies)
+        _step(groups, seed=step)
+        sq, measured = tracker.finish()
+        new = [p.detach() for g in groups for p in g.params]
+        for gi, m in enumerate(measured.tolist()):
+            if m:
+                d = float((new[gi] - old[gi]).double().pow(2).sum())
+                assert sq[0, gi].item() == pytest.approx(d, rel=1e-5)
+                assert sq[1, gi].item() == pytest.approx(float(old[gi].double().pow(2).sum()), rel=1e-5)
+        sums, maxes = plan.moments()  # the copies' leftovers in the buffer do not reach the statistics
+        ref_sums, ref_maxes = _reference(groups)
+        torch.testing.assert_close(sums.double(), ref_sums, rtol=2e-5, atol=1e-4)
+        torch.testing.assert_close(maxes.double(), ref_maxes)
+    small = torch.zeros(10)  # too small (and another size): new tensors
+    tracker.begin([small])
+    assert all(c.untyped_storage().data_ptr() != small.untyped_storage().data_ptr() for c in tracker._copies)
+    tracker.finish()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"^UpdateTracker: budget=.* must be a positive number of elements or None$"):
+            UpdateTracker(groups, budget=bad)
+
+
 # ----------------------------------------------------------------------------------------- activations
 def test_activation_statistics_dead_units_saturation_and_moments():
     relu = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 1.0, 4.0]])
@@ -374,14 +408,14 @@ def _uniform(n, numel, dtype=torch.float32):
 
 def test_packed_buffer_respects_the_memory_bound_and_the_chunk_count():
     """The documented bound: the packed buffer holds at most max(memory_fraction × gradient elements, MIN_CHUNK)
-    elements (rounded up to a row of BLOCK), and rows are packed greedily into as few chunks as fit (a gradient
+    elements (whole rows of BLOCK, rounded down), and rows are packed greedily into as few chunks as fit (a gradient
     may span two chunks)."""
     assert (BLOCK, MIN_CHUNK, ROW_MAX) == (128, 4096, 1024)
     groups = _uniform(60, 200)  # 12000 elements; 200 = 8 × 25: two rows of BLOCK each, the second padded
-    for fraction, rows_per_chunk in [(0.01, 32), (0.51, 48), (0.5, 47)]:  # 0.5: a gradient spans two chunks
+    for fraction, rows_per_chunk in [(0.01, 32), (0.52, 48), (0.51, 47)]:  # 0.51: a gradient spans two chunks
         plan = _check(groups, memory_fraction=fraction)
         (bucket,) = plan._buckets
-        bound = -(-max(MIN_CHUNK, int(fraction * 12000)) // BLOCK) * BLOCK
+        bound = max(MIN_CHUNK, int(fraction * 12000))
         rows = [c.x.shape for c in bucket.chunks]
         full, rest = divmod(120, rows_per_chunk)
         assert rows == [(rows_per_chunk, BLOCK)] * full + ([(rest, BLOCK)] if rest else []), fraction

@@ -77,14 +77,16 @@ class GradientMonitor(Callback):
     each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
     Memory (``memory_fraction``, default 0.1): a logging step allocates at most about ``memory_fraction`` of
-    the parameters' memory (at least 16 KiB) plus a few values per layer. The gradient statistics reduce
-    small gradients in a packed buffer of that size and large ones where they lie
-    (:class:`~lightning_gradguard.stats.GradStatsPlan`); the update ratio copies only the next layers in
-    forward order that fit in that budget before the optimizer step (:class:`~lightning_gradguard.stats.UpdateTracker`),
-    so each layer's ``update_ratio`` is logged every ``≈ 1/memory_fraction`` logging steps (every logging step
-    with ``memory_fraction=1.0``, or for a model under 4096 parameters), exactly, never estimated; between
-    its measurements the detectors use a layer's last measured ratio. Activation outputs are reduced as
-    they arrive (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): no output is kept.
+    the parameters' memory (at least 16 KiB) plus a few values per layer: one buffer of that size serves twice.
+    The gradient statistics copy the gradients into it a chunk at a time and reduce them there
+    (:class:`~lightning_gradguard.stats.GradStatsPlan`); then, before the optimizer step, the update ratio
+    copies into it the parameters of the next layers in forward order that fit
+    (:class:`~lightning_gradguard.stats.UpdateTracker`), so each layer's ``update_ratio`` is logged every
+    ``≈ 1/memory_fraction`` logging steps (every logging step with ``memory_fraction=1.0``, or for a model
+    under 4096 parameters), exactly, never estimated; between its measurements the detectors use a layer's last
+    measured ratio. Activation outputs are reduced as they arrive
+    (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): a few numbers per layer are kept, never
+    an output.
 
     Cost: a step that logs nothing compares a counter and keeps a reference to the loss (plus the
     non-finite check, see ``nonfinite_check``). A logging step computes every statistic in a number of
@@ -436,12 +438,15 @@ class GradientMonitor(Callback):
             if tplan is plan and tplan.tensor_sq is not None:
                 sq = tplan.tensor_sq
                 norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
+            scratch = tplan.scratch_buffers()
             tracker = self._trackers.get(todo)
             if tracker is None:
-                # three quarters of the budget for the copies, the rest for the reductions' temporaries
-                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo],
-                                                                0.75 * self.memory_fraction, self._sharded)
-            tracker.begin()
+                # the copies go into the statistics' packed buffer (free once the moments are taken): one
+                # allocation of at most memory_fraction of the parameters serves both
+                budget = max((b.numel() for b in scratch), default=None)
+                tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
+                                                                self._sharded, budget=budget)
+            tracker.begin(scratch)
             self._trackers_used.append((todo, tracker, tplan))
         if self.nonfinite_check == "logging_steps":
             return
