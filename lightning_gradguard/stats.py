@@ -222,7 +222,7 @@ class GradStatsPlan:
         for bucket in self._buckets:
             bucket.reduce_into(grads, per, amax)
         sq = per[:, 0]
-        if dev.type == "cpu" and not bool(torch.isfinite(sq).all()):
+        if not all(b.count_on_device for b in self._buckets) and not bool(torch.isfinite(sq).all()):
             # a sum of squares is Inf/NaN only where a value is (or a square overflows): count those exactly;
             # reading the flag waits for no device on the CPU (elsewhere the buckets counted on the device)
             for t in torch.nonzero(~torch.isfinite(sq)).flatten().tolist():
@@ -308,6 +308,8 @@ class _Bucket:
                  chunk: int, out_device: torch.device) -> None:
         self.device, self.dtype, self.out_device = device, dtype, out_device
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # sums never in half precision
+        #: count non-finite values (and NaNs) on the device, every call, with no host read: off the CPU
+        self.count_on_device = device.type != "cpu"
         sizes = {t: grads[t].numel() for t in members}  # type: ignore[union-attr]
         cap = min(ROW_MAX, 1 << (chunk.bit_length() - 1))  # a row fits the buffer
         # each gradient is cut into rows of the largest power of two dividing its size (no padding), or padded to
@@ -364,7 +366,7 @@ class _Bucket:
         into ``per`` ``(tensors, 4)`` and max |g| into ``amax``."""
         if not self.chunks:
             return
-        on_device = self.device.type != "cpu"  # count non-finite values on the device (no host read there)
+        on_device = self.count_on_device
         acc = self.acc
         for ch in self.chunks:
             if ch.zero:

@@ -92,6 +92,27 @@ def test_nonfinite_values_in_small_and_large_gradients_are_counted():
     assert sums[:, 3].tolist() == [2.0, 2.0, 0.0]
 
 
+def test_the_accelerator_counting_path_gives_the_same_moments():
+    """Off the CPU, non-finite values and NaNs are counted on the device in every chunk (no host read); run here on
+    CPU tensors by switching that path on, with NaN/Inf in padded rows, whole rows and a gradient spanning chunks."""
+    side = int(LARGE**0.5) + 1
+    groups = [_group("small", (6, 50), (6,)), _group("big", (side, side), seed=1), _group("rows", (4, 256), seed=2)]
+    groups[0].params[0].grad[1, 3] = NAN
+    groups[0].params[1].grad[2] = 0.0
+    groups[1].params[0].grad[5, 5] = NAN
+    groups[1].params[0].grad[100, 7] = -INF
+    groups[2].params[0].grad[3, :9] = 0.0
+    plan = GradStatsPlan(groups)
+    plan.moments()
+    for bucket in plan._buckets:
+        bucket.count_on_device = True
+    sums, maxes = plan.moments()
+    ref_sums, ref_maxes = _reference(groups)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=2e-5, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(maxes.double(), ref_maxes, equal_nan=True)
+    assert sums[:, 3].tolist() == [1.0, 2.0, 0.0] and sums[:, 2].tolist() == [1.0, 0.0, 9.0]
+
+
 def test_mixed_dtypes_and_missing_gradients():
     groups = [_group("f64", (10, 10), dtype=torch.float64), _group("bf16", (9, 7), (9,), dtype=torch.bfloat16, seed=1),
               _group("f32", (33,), seed=2), _group("none", (4, 4), seed=3)]
