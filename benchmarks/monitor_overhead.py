@@ -5,9 +5,12 @@ batch 32) and a deep wide MLP (48 × 256, batch 128). For each, the same trainin
 GradientMonitor at the default cadence (every 50 steps, ``nonfinite_check="auto"``); Lightning's own
 ``grad_norm`` logged from ``on_before_optimizer_step`` every 50 steps; GradientMonitor every step (all
 statistics: gradients, weights, update ratios, activations; histograms off); Lightning's ``grad_norm`` every
-step. Variants are interleaved and repeated; the time per step is measured from the start of step 20 to the
-start of the last step (fixed costs of fit start and end are outside it), the best of the repeats is kept, and
-each is divided by the best of "none".
+step. Variants are interleaved and repeated. From the start of step 20 on (fixed costs of fit start are outside
+it), each run's steps are cut into windows of 50 consecutive steps, each holding exactly one logging step of the
+default cadence (steps 20–69 hold step 50, and so on); a variant's time per step is the median, over the windows
+of all its runs, of the window's mean step time (robust to bursts of load from other processes on a shared
+machine, which a best-of-runs mean is not; every window still pays one whole logging step and what it leaves to
+the next steps), and each is divided by that of "none".
 
 Per model it also prints:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -128,6 +132,12 @@ class StepTimer(pl.Callback):
         s = self.starts[self.skip :] if len(self.starts) >= self.skip + 2 else self.starts
         return (s[-1] - s[0]) / max(1, len(s) - 1)
 
+    def windows(self, width: int = CADENCE) -> list[float]:
+        """Mean step time of each window of ``width`` consecutive steps from step ``skip`` on (a run too short for
+        one window: its mean step time)."""
+        s = self.starts[self.skip :]
+        return [(s[k + width] - s[k]) / width for k in range(0, len(s) - width, width)] or [self.per_step()]
+
 
 class PeakMemory(TorchDispatchMode):
     """Bytes of tensor storages created while active and still alive; ``peak`` is their maximum. Outputs
@@ -187,7 +197,7 @@ def _callbacks(variant: str) -> list[pl.Callback]:
     return []
 
 
-def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> tuple[float, list[pl.Callback]]:
+def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> tuple[list[float], list[pl.Callback]]:
     torch.manual_seed(0)
     net, loader = make(kind)
     timer = StepTimer()
@@ -200,7 +210,7 @@ def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> t
             log_every_n_steps=CADENCE, num_sanity_val_steps=0,
         )
         trainer.fit(Task(net, every), train_dataloaders=loader)
-    return timer.per_step(), callbacks
+    return timer.windows(), callbacks
 
 
 def _best_call(fn, calls: int = 50, repeats: int = 5) -> float:
@@ -253,14 +263,16 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows, notes = [], []
-    print(f"{args.steps} steps, best of {args.repeats} interleaved runs, torch threads={torch.get_num_threads()}")
+    print(f"{args.steps} steps, {args.repeats} interleaved runs, median of 50-step windows, "
+          f"torch threads={torch.get_num_threads()}")
     print(f"{'model':<12} {'variant':<32} {'ms/step':>8} {'ratio':>7}")
     for kind in args.models.split(","):
         fit(kind, "none", 30)  # warm-up
-        best = {v: float("inf") for v in VARIANTS}
+        windows: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(args.repeats):
             for v in VARIANTS:
-                best[v] = min(best[v], fit(kind, v, args.steps)[0])
+                windows[v] += fit(kind, v, args.steps)[0]
+        best = {v: statistics.median(w) for v, w in windows.items()}
         base = best["none"]
         for v in VARIANTS:
             print(f"{kind:<12} {v:<32} {1000 * best[v]:>8.3f} {best[v] / base:>7.3f}", flush=True)
@@ -280,7 +292,9 @@ def main() -> None:
         cmd = (f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats} "
                f"--threads {args.threads}")
         head = "| model | variant | ms/step | ratio |\n|---|---|---|---|"
-        write_block("monitor-overhead", f"`{cmd}` (CPU, torch threads={torch.get_num_threads()}):\n\n{head}\n"
+        write_block("monitor-overhead", f"`{cmd}` (CPU, torch threads={torch.get_num_threads()}; ms/step: median over "
+                    f"50-step windows, each holding one logging step of the default cadence, of {args.repeats} "
+                    f"interleaved runs):\n\n{head}\n"
                     + "\n".join(rows) + "\n\n" + "\n".join(notes))
 
 

@@ -181,12 +181,14 @@ class GradStatsPlan:
         present = [g for g in grads if g is not None]
         self._device = present[0].device
         total = sum(g.numel() for g in present)
-        chunk = max(MIN_CHUNK, int(self.memory_fraction * total) // BLOCK * BLOCK)  # whole rows, within the fraction
+        budget = max(MIN_CHUNK, int(self.memory_fraction * total))
+        chunk = max(MIN_CHUNK, int(self.memory_fraction * total) // BLOCK * BLOCK)  # whole rows, within the budget
         by_kind: dict[tuple, list[int]] = {}
         for t, g in enumerate(grads):
             if g is not None:
                 by_kind.setdefault((g.device, g.dtype), []).append(t)
-        self._buckets = [_Bucket(dev, dtype, members, grads, chunk, self._device) for (dev, dtype), members in by_kind.items()]
+        self._buckets = [_Bucket(dev, dtype, members, grads, chunk, self._device, budget)
+                         for (dev, dtype), members in by_kind.items()]
         dev = self._device
         self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
         self._numel = torch.tensor([0.0 if g is None else float(g.numel()) for g in grads], device=dev)
@@ -305,7 +307,7 @@ class _Bucket:
     """The gradients of one (device, dtype), as rows in chunks that fit the buffer (see :class:`GradStatsPlan`)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], grads: list[Optional[torch.Tensor]],
-                 chunk: int, out_device: torch.device) -> None:
+                 chunk: int, out_device: torch.device, budget: int = 0) -> None:
         self.device, self.dtype, self.out_device = device, dtype, out_device
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32  # sums never in half precision
         #: count non-finite values (and NaNs) on the device, every call, with no host read: off the CPU
@@ -349,7 +351,10 @@ class _Bucket:
             if parts:
                 plan.append((w, rows, parts))
         n_rows = sum(rows for _, rows, _ in plan)
-        self.buffer = torch.zeros(max((w * rows for w, rows, _ in plan), default=0), dtype=dtype, device=device)
+        # the chunks' rows, and up to the whole budget (not beyond these gradients' size): the update ratio's
+        # copies of as many parameters (UpdateTracker's default budget) fit in it too
+        size = max(max((w * rows for w, rows, _ in plan), default=0), min(budget, sum(sizes.values())))
+        self.buffer = torch.zeros(size, dtype=dtype, device=device)
         # per row: norm, sum, non-zeros, non-finite, NaN (the last two only where counted on the device)
         self.res = torch.zeros(5, n_rows, dtype=self.acc, device=device)
         self.top = torch.zeros(n_rows, dtype=dtype, device=device)  # max |g| per row

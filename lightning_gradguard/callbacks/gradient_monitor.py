@@ -438,15 +438,13 @@ class GradientMonitor(Callback):
             if tplan is plan and tplan.tensor_sq is not None:
                 sq = tplan.tensor_sq
                 norms.publish(key, plan.params, sq)  # GradientClipping after us reads no gradient again
-            scratch = tplan.scratch_buffers()
             tracker = self._trackers.get(todo)
             if tracker is None:
-                # the copies go into the statistics' packed buffer (free once the moments are taken): one
-                # allocation of at most memory_fraction of the parameters serves both
-                budget = max((b.numel() for b in scratch), default=None)
                 tracker = self._trackers[todo] = UpdateTracker([self.groups[i] for i in todo], self.memory_fraction,
-                                                                self._sharded, budget=budget)
-            tracker.begin(scratch)
+                                                                self._sharded)
+            # the copies go into the statistics' packed buffer (free once the moments are taken): one allocation of
+            # at most memory_fraction of the parameters serves both
+            tracker.begin(tplan.scratch_buffers())
             self._trackers_used.append((todo, tracker, tplan))
         if self.nonfinite_check == "logging_steps":
             return
