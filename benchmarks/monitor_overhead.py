@@ -20,8 +20,9 @@ Per model it also prints:
   one pass, timed the same way (best of 5 × 50 calls);
 - the extra peak memory of a logging step: the peak of new allocations during step 50 (a logging step) with
   the monitor minus the same without it, both measured by a ``TorchDispatchMode`` that follows every
-  tensor storage created during the step until it is freed, plus the monitor's persistent buffers; as a
-  share of the parameters' memory.
+  tensor storage created during the step until it is freed, plus the monitor's persistent tensors (the packed
+  buffer, and the per-row results and indices of its statistics plan); as a share of the parameters' memory,
+  with the packed buffer's share and the rest per layer.
 
     python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--threads 1] [--write-readme]
 
@@ -237,18 +238,21 @@ def kernels(kind: str) -> tuple[float, float, int]:
     return norm, stats, sum(p.numel() * p.element_size() for p in net.parameters())
 
 
-def memory(kind: str) -> tuple[int, int]:
-    """(extra peak bytes of logging step 50 with the default monitor vs without, its persistent buffers)."""
+def memory(kind: str) -> tuple[int, int, int, int]:
+    """(extra peak bytes of logging step 50 with the default monitor vs without, its packed buffers, its other
+    persistent tensors (per-row results, indices), layers)."""
     peaks = {}
-    persistent = 0
+    persistent = kept = layers = 0
     for variant in ("none", "monitor_default"):
         probe = PeakAt(CADENCE)
         _, callbacks = fit(kind, variant, CADENCE + 2, [probe])
         peaks[variant] = probe.peak or 0
         for cb in callbacks:
             if isinstance(cb, GradientMonitor):
-                persistent = sum(b.buffer.numel() * b.buffer.element_size() for plan in cb._plans.values() for b in plan._buckets)
-    return peaks["monitor_default"] - peaks["none"], persistent
+                sizes = [plan.memory() for plan in cb._plans.values()]
+                persistent, kept = sum(p for p, _ in sizes), sum(k for _, k in sizes)
+                layers = len(cb.groups)
+    return peaks["monitor_default"] - peaks["none"], persistent, kept, layers
 
 
 def main() -> None:
@@ -278,13 +282,16 @@ def main() -> None:
             print(f"{kind:<12} {v:<32} {1000 * best[v]:>8.3f} {best[v] / base:>7.3f}", flush=True)
             rows.append(f"| {MODELS[kind][0] if v == 'none' else ''} | {LABELS[v]} | {1000 * best[v]:.3f} | {best[v] / base:.3f} |")
         norm, stats, param_bytes = kernels(kind)
-        extra, persistent = memory(kind)
+        extra, persistent, kept, layers = memory(kind)
+        extra += kept
         note = (
             f"{kind}: one `_foreach_norm` pass over the gradients {1000 * norm:.3f} ms = {100 * norm / base:.1f}% of a "
             f"plain step; all gradient statistics (`GradStatsPlan.moments`) {1000 * stats:.3f} ms = "
             f"{stats / norm:.2f}× that pass; extra peak memory of a logging step {(extra + persistent) / 1024:.1f} KiB "
             f"= {100 * (extra + persistent) / param_bytes:.1f}% of the parameters' {param_bytes / 1024:.0f} KiB "
-            f"({extra / 1024:.1f} KiB during the step + {persistent / 1024:.1f} KiB persistent buffers)"
+            f"({persistent / 1024:.1f} KiB packed buffer = {100 * persistent / param_bytes:.1f}% + {extra / 1024:.1f} KiB "
+            f"of per-layer and per-row values and indices, kept or made during the step = {extra / max(layers, 1):.0f} "
+            f"bytes per layer of {layers})"
         )
         print(note, flush=True)
         notes.append(f"- {note}")

@@ -241,6 +241,13 @@ class GradStatsPlan:
         return sums, maxes
 
 
+    def memory(self) -> tuple[int, int]:
+        """Bytes this plan keeps between calls: (the packed buffers, everything else: per-row results and indices)."""
+        packed = sum(b.buffer.numel() * b.buffer.element_size() for b in self._buckets)
+        kept = [t for b in self._buckets for t in (b.res, b.top, b.row_tensor)]
+        kept += [t for t in (self._to_group, self._numel, self._weights) if t is not None]
+        return packed, sum(t.numel() * t.element_size() for t in kept)
+
     def scratch_buffers(self) -> list[torch.Tensor]:
         """The packed buffers (one per device and dtype; empty before the first :meth:`moments`). Between two
         :meth:`moments` calls their contents are free: :class:`UpdateTracker` keeps its copies there."""
