@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from operator import itemgetter
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -691,7 +691,6 @@ class GradientMonitor(Callback):
         nf_layers_h = host[6 + ctx.n_nf]
         hist_h = host[7 + ctx.n_nf :]
         k, ka = len(GRAD_STATS), len(ACT_STATS)
-        n = len(ctx.idx)
         tags, order = self._layout(ctx)
         log10 = math.log10
         norms = grad_h[0::k]
@@ -710,7 +709,6 @@ class GradientMonitor(Callback):
             act_ok = None if a is None else (math.isfinite(a[0]) and math.isfinite(a[1]))
             rows.append(LayerRow(g.name, self._label(i), g.activation, norms[j], grad_h[j * k + 5], dead, sat,
                                  _is_compute(g), self._ratios.get(i), act_ok))
-        assert len(rows) == n
         total = math.sqrt(sum(n * n for n in norms)) if all(math.isfinite(n) for n in norms) else float("nan")
         weighted = [r.grad_norm for r, g in zip(rows, ctx.sub) if g.info is not None]
         flow = weighted[0] / weighted[-1] if len(weighted) > 1 and weighted[-1] > 0 else float("nan")
