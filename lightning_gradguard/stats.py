@@ -122,8 +122,10 @@ def _flat(groups: Sequence[LayerGroup]) -> tuple[list[torch.Tensor], list[int]]:
 BLOCK = 128
 #: the packed buffer and the update-ratio copies hold at least this many elements (16 KiB in float32)
 MIN_CHUNK = 1 << 12
-#: the widest row of the packed buffer (rows of large gradients)
-ROW_MAX = 1 << 10
+#: rows of large gradients are a 16th of a chunk wide (so that a chunk packs rows with little waste), at least
+#: ROW_MIN and at most ROW_MAX elements: few rows, so few per-row results, for large models
+ROW_MIN = 1 << 10
+ROW_MAX = 1 << 16
 
 
 class GradStatsPlan:
@@ -131,8 +133,8 @@ class GradStatsPlan:
 
     Built once (``GradientMonitor`` builds it at fit start; the buffers are made on the first call, when the
     gradients' devices and dtypes are known, and again only if they change). Per (device, dtype), every
-    gradient is cut into rows (of the largest power of two dividing its size, at most ``ROW_MAX``; of ``BLOCK``
-    with a zero-padded last row when that power is smaller), rows of one width are copied, a chunk at a time, by
+    gradient is cut into rows (of the largest power of two dividing its size, at most a 16th of a chunk, or
+    ``ROW_MIN`` if more, and ``ROW_MAX``; of ``BLOCK`` with a zero-padded last row when that power is smaller), rows of one width are copied, a chunk at a time, by
     **one** ``torch._foreach_copy_`` into a persistent buffer of at most ``max(memory_fraction × all gradient
     elements, MIN_CHUNK)`` elements (a gradient larger than that spans several chunks), and each chunk is
     reduced row-wise in 6 kernels, written into per-row results with ``out=``: sum of squares
@@ -149,8 +151,8 @@ class GradStatsPlan:
     chunk, no host read). Nothing here reads a value on the host on an accelerator.
 
     Extra memory: the packed buffer (``≤ memory_fraction`` of the gradients' bytes, at least
-    ``MIN_CHUNK`` elements) plus 6 values per row (rows are ≥ ``ROW_MAX`` wide for large gradients) and a few
-    per tensor and per layer.
+    ``MIN_CHUNK`` elements) plus 7 values per row (rows of large gradients are ``ROW_MIN`` to ``ROW_MAX`` wide)
+    and a few per tensor and per layer.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -320,7 +322,8 @@ class _Bucket:
         #: count non-finite values (and NaNs) on the device, every call, with no host read: off the CPU
         self.count_on_device = device.type != "cpu"
         sizes = {t: grads[t].numel() for t in members}  # type: ignore[union-attr]
-        cap = min(ROW_MAX, 1 << (chunk.bit_length() - 1))  # a row fits the buffer
+        # a power of two: chunk/16 (at least ROW_MIN), at most ROW_MAX, and never wider than the chunk
+        cap = min(ROW_MAX, 1 << (max(ROW_MIN, chunk // 16).bit_length() - 1), 1 << (chunk.bit_length() - 1))
         # each gradient is cut into rows of the largest power of two dividing its size (no padding), or padded to
         # rows of BLOCK when that power is small (a size like 10)
         classes: dict[int, list[int]] = {}

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
 from lightning_gradguard.stats import (
-    BLOCK, MIN_CHUNK, ROW_MAX, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
+    BLOCK, MIN_CHUNK, ROW_MIN, GradStatsPlan, LayerGroup, UpdateTracker, activation_hook_target, activation_statistics,
     activation_statistics_batch, grad_moments, grad_statistics, grad_statistics_from, histogram, layer_groups,
     shared_activations, snapshot, to_host, unit_dim_for, update_ratios, update_ratios_from, update_sq, weight_norms,
     weight_sq,
@@ -431,7 +431,7 @@ def test_packed_buffer_respects_the_memory_bound_and_the_chunk_count():
     """The documented bound: the packed buffer holds at most max(memory_fraction × gradient elements, MIN_CHUNK)
     elements (whole rows of BLOCK, rounded down), and rows are packed greedily into as few chunks as fit (a gradient
     may span two chunks)."""
-    assert (BLOCK, MIN_CHUNK, ROW_MAX) == (128, 4096, 1024)
+    assert (BLOCK, MIN_CHUNK, ROW_MIN) == (128, 4096, 1024)
     groups = _uniform(60, 200)  # 12000 elements; 200 = 8 × 25: two rows of BLOCK each, the second padded
     for fraction, rows_per_chunk in [(0.01, 32), (0.52, 48), (0.51, 47)]:  # 0.51: a gradient spans two chunks
         plan = _check(groups, memory_fraction=fraction)
@@ -442,14 +442,17 @@ def test_packed_buffer_respects_the_memory_bound_and_the_chunk_count():
         assert rows == [(rows_per_chunk, BLOCK)] * full + ([(rest, BLOCK)] if rest else []), fraction
         # the chunks use whole rows; the buffer is the whole bound (the update ratio's copies share it)
         assert rows_per_chunk * BLOCK <= bucket.buffer.numel() == bound
-    # a gradient of 2^14 elements: rows of ROW_MAX, in chunks of the floor's 4 rows; no padding, no zeroing
+    # a gradient of 2^14 elements: rows of ROW_MIN, in chunks of the floor's 4 rows; no padding, no zeroing
     plan = _check([_group("big", (LARGE,))])
     (bucket,) = plan._buckets
-    assert [tuple(c.x.shape) for c in bucket.chunks] == [(4, ROW_MAX)] * 4 and not any(c.zero for c in bucket.chunks)
+    assert [tuple(c.x.shape) for c in bucket.chunks] == [(4, ROW_MIN)] * 4 and not any(c.zero for c in bucket.chunks)
     assert bucket.buffer.numel() == MIN_CHUNK
     # sizes with a large power-of-two factor are not padded: 40 × 256 elements fill rows of 256 exactly
     plan = _check(_uniform(40, 256), memory_fraction=1.0)
     assert [tuple(c.x.shape) for c in plan._buckets[0].chunks] == [(40, 256)]
+    # a large model's rows are a 16th of a chunk wide: 2^20 elements in chunks of 2^17, rows of 2^13
+    plan = _check([_group("wide", (1 << 20,))], memory_fraction=0.125)
+    assert {tuple(c.x.shape) for c in plan._buckets[0].chunks} == {(16, 1 << 13)}
 
 
 def test_gradients_filling_whole_rows_stay_on_their_own_layers():
