@@ -74,7 +74,7 @@ class GradientMonitor(Callback):
     by halving) and ``gradguard/gradient_flow`` (norms of the last logging step, earlier ones in grey).
     Text (markdown tables): ``gradguard/layers`` (name, type, activation, init scheme applied, frozen),
     ``gradguard/findings`` (step, layer, kind, finding, what to do; see :mod:`lightning_gradguard.health`;
-    each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
+    one table per step with findings, one row per finding; each also a warning) and ``gradguard/summary`` at the end of fit (also printed).
 
     Memory (``memory_fraction``, default 0.1): a logging step allocates at most about ``memory_fraction`` of
     the parameters' memory (at least 16 KiB) plus a few values per layer: one buffer of that size serves twice.
@@ -819,10 +819,13 @@ class GradientMonitor(Callback):
         return hist_tags, hists
 
     def _report(self, trainer: "pl.Trainer", findings: list) -> None:
+        by_step: dict[int, list[Finding]] = {}
         for f in findings:
             if self.warn:
                 rank_zero_warn(f"gradguard: {f.message}")
-            log_markdown(trainer, "gradguard/findings", findings_markdown([f]), step=f.step)  # flushes
+            by_step.setdefault(f.step, []).append(f)
+        for step, found in by_step.items():  # one table (one text event, one flush) per step, however many rows
+            log_markdown(trainer, "gradguard/findings", findings_markdown(found), step=step)
 
     def _add_column(self, step: int, norms: dict[str, float], ratios: dict[str, float]) -> None:
         """One heatmap column per logging step; past HEATMAP_COLUMNS every other column is dropped and from
