@@ -125,7 +125,7 @@ def _value_prefix(tag: str) -> bytes:
 def scalar_summary(metrics: dict[str, float]) -> Any:
     """One TensorBoard ``Summary`` holding every value of ``metrics`` as a ``simple_value``: the message
     ``Summary(value=[Summary.Value(tag=k, simple_value=v) ...])``, packed from its wire format (made once per set of
-    tags) in one ``struct`` call and parsed in one call, ~10× faster than building hundreds of ``Summary.Value``
+    tags) in one ``struct`` call and parsed in one call, instead of building hundreds of ``Summary.Value``
     objects. Values are stored as float32, as TensorBoard does (a finite value beyond float32's range as ±inf, as
     protobuf does)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -154,8 +154,8 @@ def scalar_summary(metrics: dict[str, float]) -> Any:
 
 
 def install_fast_crc() -> None:
-    """TensorBoard checksums every record in pure Python on its writer thread (~1.5 ms for a 20 KB event, GIL held):
-    use the vectorized, bit-identical :func:`lightning_gradguard._event_crc.masked_crc32c` instead (for records
+    """TensorBoard checksums every record in pure Python, byte by byte, on its writer thread (GIL held): use the
+    vectorized, bit-identical :func:`lightning_gradguard._event_crc.masked_crc32c` instead (for records
     of 1 KiB and more)."""
     from lightning_gradguard import _event_crc
 

@@ -139,8 +139,8 @@ class GradStatsPlan:
     elements, MIN_CHUNK)`` elements (a gradient larger than that spans several chunks), and each chunk is
     reduced row-wise in 6 kernels, written into per-row results with ``out=``: sum of squares
     (``vector_norm``), sum, then, the copy being scratch, ``abs_`` → ``amax`` (max |g|) and ``sign_`` → ``sum``
-    (count of non-zeros: a pass each, where ``amax``, ``amin`` and ``count_nonzero`` cost about 3× more on a
-    CPU). Chunks: about ``1/memory_fraction`` plus one per row width (a few), whatever the number of layers.
+    (count of non-zeros: a pass each, in place of ``amax``, ``amin`` and ``count_nonzero``, the last one slow
+    on a CPU). Chunks: about ``1/memory_fraction`` plus one per row width (a few), whatever the number of layers.
     Then one ``index_add_`` and one ``scatter_reduce_`` from rows to tensors and from tensors to layers, with
     indices built once.
 
@@ -398,7 +398,7 @@ class _Bucket:
                 torch.sum(~torch.isfinite(x), 1, dtype=acc, out=nonfinite)
                 torch.sum(torch.isnan(x), 1, dtype=acc, out=nans)
             # the copy is scratch from here: |g| for the maximum, then sign(|g|) (1 where g != 0) for the count,
-            # both in place: a pass each, and far cheaper than amax + amin + count_nonzero on a CPU
+            # both in place: a pass each, instead of amax + amin + count_nonzero (slow on a CPU)
             x.abs_()
             torch.amax(x, 1, out=top)
             x.sign_()
