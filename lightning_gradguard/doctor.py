@@ -25,8 +25,10 @@ How it decides:
    than ``noise_z`` standard errors of the per-batch differences, and by at least ``margin`` (relative).
    Between the two finalists the smaller set wins unless the larger one beats it.
 5. **Do no harm.** The winner is kept only when it beats no remedy (at the last rung where both were
-   scored) beyond that noise, or when no remedy does not learn at all (its held-out loss does not fall beyond
-   noise) and the winner does; otherwise nothing is applied. When nothing learns within the budget while no
+   scored) beyond that noise, or when no remedy does not learn at all and the winner does; otherwise nothing
+   is applied. *Learning* means the held-out loss falls beyond noise since the first rung (since the start
+   for a candidate that ran one rung): a fall from a high start (large logits collapsing to chance in the
+   first steps) that then stalls or rises again is not learning. When nothing learns within the budget while no
    remedy does not learn either, the fullest raced set of the recipe is applied (a net that does not learn
    cannot be harmed).
 6. **Clipping** is by rule, as part of every candidate: a recurrent layer, non-finite gradients, a
@@ -192,14 +194,17 @@ def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_
     )
 
 
-def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: Optional[int] = None) -> None:
-    """Apply structural remedies, then init (so init sees the final activations)."""
+def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: Optional[int] = None,
+                   layers: Optional[list[Any]] = None) -> None:
+    """Apply structural remedies, then init (so init sees the final activations). ``layers``: the model's
+    :func:`~lightning_gradguard.graph.find_layers` after the structural remedies, when the caller has them."""
     if "activation" in remedies:
         replace_activations(model, remedies["activation"]["mapping"])
     if "batchnorm" in remedies:
         insert_batchnorm(model, **remedies["batchnorm"])
     if "init" in remedies:
-        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)))
+        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)),
+                   layers=layers)
 
 
 #: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
@@ -407,21 +412,24 @@ def plan(n: int, trial_steps: int, eval_cost: float, units: float) -> int:
 
 
 def learning(row: "RaceRow", z: float, margin: float) -> bool:
-    """The candidate's held-out loss fell since its start beyond noise."""
+    """The candidate's held-out loss is falling beyond noise: since its first rung when it ran two rungs or more,
+    else since its start. A fall from a high start alone is not learning: huge logits (a large init) collapse
+    to chance in the first steps, and a loss that then stalls, or rises again, is not learning."""
+    if len(row.scores) > 2:
+        return beats(row.scores[-1], row.scores[1], z, margin)
     return len(row.scores) > 1 and beats(row.scores[-1], row.scores[0], z, margin)
 
 
 def survivors(alive: list["RaceRow"], options: DoctorOptions) -> list["RaceRow"]:
-    """The better half by held-out loss; the last place goes to the candidate whose loss fell most since its
-    start, when that is not already in (a set that starts high, e.g. larger logits after BatchNorm, but learns
-    fast is not dropped for its start)."""
+    """The better half by held-out loss; the last place goes to the best-scoring candidate whose loss is
+    falling, when the one ranked there is not (a set that starts high, e.g. larger logits after BatchNorm, but
+    learns is not dropped for its start). Ranked by the loss reached, not by the size of the fall: a fall is
+    largest from the worst start."""
     keep = (len(alive) + 1) // 2
     ranked = sorted(alive, key=lambda r: r.score)
-    chosen = ranked[: keep - 1]
-    rest = [r for r in ranked if r not in chosen]
+    chosen, rest = ranked[: keep - 1], ranked[keep - 1 :]
     fallers = [r for r in rest if learning(r, options.noise_z, options.margin)]
-    best_fall = min(fallers, key=lambda r: r.score - _mean(r.scores[0]), default=None)
-    return chosen + [best_fall if best_fall is not None else rest[0]]
+    return chosen + [fallers[0] if fallers else rest[0]]
 
 
 def name_of(remedies: dict[str, Any]) -> str:
@@ -437,6 +445,8 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
     n = plan(len(rows), options.trial_steps, trials.eval_cost(), trials.units_left())
     alive, runs = rows[:n], {}
     target, stop = options.trial_steps, None
+    if hasattr(trials, "expect"):
+        trials.expect([row.remedies for row in alive])
     try:
         for row in alive:  # started one by one: the wall-clock cap is checked before each copy and surgery
             trials.charge(0.0)
@@ -472,6 +482,15 @@ def _compare_at(a: RaceRow, b: RaceRow) -> Optional[int]:
     return None if not common else common[-1]
 
 
+def _smallest_unbeaten(rows: list[RaceRow], z: float, m: float) -> RaceRow:
+    """The lowest held-out loss of ``rows`` (sorted by it), or a smaller set of remedies that it does not beat."""
+    best = rows[0]
+    for other in rows[1:]:
+        if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):
+            best = other
+    return best
+
+
 def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow, str]:
     """The winner of a finished race (module docstring, steps 4-5): ``(chosen, reference, why)``."""
     ref = rows[0]
@@ -481,33 +500,31 @@ def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow,
         return ref, ref, "no candidate trained within the budget"
     last = max(r.steps[-1] for r in scored)
     finalists = sorted([r for r in scored if r.steps[-1] == last], key=lambda r: r.score)
-    ref_learns = learning(ref, z, m)
-    if not ref_learns:  # no remedy does not learn: prefer a finalist that does, even from a higher start
-        learners = [r for r in finalists if learning(r, z, m)]
-        if not learners:  # nothing learned within the budget: a net that does not learn cannot be harmed, so
-            # the fullest raced set of the recipe ladder (the candidates' order) is applied
-            full = next((r for r in scored if r is not ref and "init" in r.remedies), None)
-            if full is not None:
-                return full, ref, (f"no remedy does not learn (held-out loss {fmt(_mean(ref.scores[0]))} → "
-                                   f"{fmt(ref.score)}) and no candidate learned within the budget: the fullest "
-                                   "raced recipe")
-        finalists = learners or finalists
-    best = finalists[0]
-    for other in finalists[1:]:  # a smaller set that the larger one does not beat wins
-        if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):
-            best = other
+    best = _smallest_unbeaten(finalists, z, m)
+    steps = _compare_at(best, ref) if best is not ref else None
+    if steps is not None:
+        b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
+        if beats(b, a, z, m):
+            return best, ref, f"held-out loss {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps"
+    if not learning(ref, z, m):  # no remedy does not learn: a finalist that does is kept, even from a higher start
+        ref_text = f"held-out loss {fmt(_mean(ref.scores[0]))} at start, " + ", ".join(
+            f"{fmt(_mean(v))} after {s}" for s, v in zip(ref.steps[1:], ref.scores[1:]))
+        learners = [r for r in finalists if r is not ref and learning(r, z, m)]
+        if learners:
+            best = _smallest_unbeaten(learners, z, m)
+            return best, ref, (f"no remedy does not learn ({ref_text}), '{best.name}' does (" + ", ".join(
+                f"{fmt(_mean(v))} after {s}" for s, v in zip(best.steps, best.scores)) + ")")
+        # nothing learned within the budget: a net that does not learn cannot be harmed, so the fullest raced
+        # set of the recipe ladder (the candidates' order) is applied
+        full = next((r for r in scored if r is not ref and "init" in r.remedies), None)
+        if full is not None:
+            return full, ref, (f"no remedy does not learn ({ref_text}) and no candidate learned within the "
+                               "budget: the fullest raced recipe")
     if best is ref:
         return ref, ref, "no candidate beat no remedy beyond noise"
-    steps = _compare_at(best, ref)
     if steps is None:
         return ref, ref, f"'{best.name}' and no remedy were not scored after the same steps"
     b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
-    if beats(b, a, z, m):
-        return best, ref, f"held-out loss {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps"
-    if not ref_learns and learning(best, z, m):
-        return best, ref, (f"no remedy does not learn (held-out loss {fmt(ref.score)} after {ref.steps[-1]} steps, "
-                           f"{fmt(_mean(ref.scores[0]))} at start), '{best.name}' does ({fmt(_mean(best.scores[0]))} → "
-                           f"{fmt(best.score)})")
     return ref, ref, f"best '{best.name}' {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps: within noise"
 
 
