@@ -96,7 +96,7 @@ def test_pick_when_no_remedy_does_not_learn():
     chosen, _, why = pick([ref, rising], opts)
     assert chosen is rising and "fullest raced recipe" in why  # nothing learns: a net at chance cannot be harmed
     # a finalist that learns is kept even from a higher start
-    slow = _row("init+batchnorm", ["init", "batchnorm"], [0, 6, 13], [2.75, 2.37, 2.20])
+    slow = _row("init+batchnorm", ["init", "batchnorm"], [0, 6, 13], [2.75, 2.40, 2.28])  # not 2% under no remedy yet
     chosen, _, why = pick([ref, slow], opts)
     assert chosen is slow and "does not learn" in why
     # one that has already reached a low loss and stalls there is kept over a worse one still falling
