@@ -42,59 +42,19 @@ the no-remedy and init trials included; a candidate the budget did not cover is 
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
-from lightning_gradguard.graph import model_input
-from lightning_gradguard.init import initialize
-from lightning_gradguard.stats import (
-    activation_hook_target, activation_statistics, shared_activations, grad_statistics, layer_groups, to_host, unit_dim_for,
-)
-from lightning_gradguard.surgery import insert_batchnorm, replace_activations
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+from lightning_gradguard.probe import Probe, probe  # noqa: F401  (probe: re-exported, the doctor's first step)
+from lightning_gradguard.remedies import CLIP_DEFAULTS, apply_remedies, clip_options, make_clipper  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
 OptFn = Callable[[nn.Module], torch.optim.Optimizer]
-
-
-@dataclass
-class Probe:
-    """What one probe measured (host values)."""
-
-    grad_norms: dict[str, float]
-    flow_ratio: float
-    total_norms: list[float]
-    losses: list[float]
-    saturated: dict[str, float]
-    dead: dict[str, float]
-    nonfinite: bool
-    recurrent: bool
-    activations: dict[str, Optional[str]]
-    normalized: bool = False  # the model already has a normalization layer (BatchNorm, LayerNorm, GroupNorm, ...)
-
-    @property
-    def spike(self) -> float:
-        finite = [n for n in self.total_norms if math.isfinite(n)]
-        if len(finite) < 2:
-            return 1.0
-        med = sorted(finite)[len(finite) // 2]
-        return max(finite) / med if med > 0 else float("inf")
-
-    @property
-    def max_saturated(self) -> float:
-        return max(self.saturated.values(), default=0.0)
-
-    @property
-    def max_dead(self) -> float:
-        return max(self.dead.values(), default=0.0)
 
 
 @dataclass
@@ -105,146 +65,6 @@ class Decision:
     status: str  # applied / not applied / suggested / forced / off / untried
     measurement: str
     options: dict[str, Any] = field(default_factory=dict)
-
-
-class _State:
-    """Model weights and buffers, RNG states, training mode and gradients: saved, then put back."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.weights = copy.deepcopy(model.state_dict())
-        self.training = model.training
-        self.grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.py_rng = random.getstate()
-        try:
-            import numpy as np
-
-            self.np_rng: Any = np.random.get_state()
-        except ImportError:  # pragma: no cover
-            self.np_rng = None
-
-    def restore(self) -> None:
-        self.model.load_state_dict(self.weights)
-        self.model.train(self.training)
-        for n, p in self.model.named_parameters():
-            p.grad = self.grads.get(n)
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        random.setstate(self.py_rng)
-        if self.np_rng is not None:
-            import numpy as np
-
-            np.random.set_state(self.np_rng)
-
-
-def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_eps: float = 0.01) -> Probe:
-    """Forward/backward passes on ``batches`` (no optimizer step); the model, its gradients, BN running
-    statistics and every RNG are left exactly as they were."""
-    state = _State(model)
-    first = batches[0] if len(batches) else None
-    groups = [g for g in layer_groups(model, sample_input=model_input(first)) if g.info is not None and not g.frozen]
-    modules = dict(model.named_modules())
-    shared = shared_activations(groups)
-    sums = {g.name: 0.0 for g in groups}
-    sat: dict[str, list[float]] = {}
-    dead: dict[str, list[float]] = {}
-    totals, losses, nonfinite = [], [], False
-    hooks = []
-    for g in groups:
-        act = g.activation
-        if act not in RELU_FAMILY and act not in SATURATING_BOUNDS:
-            continue
-        target, fn = activation_hook_target(g, modules, shared)
-
-        def hook(mod, inp, out, g=g, act=act, fn=fn):
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            if isinstance(y, torch.Tensor):
-                y = fn(y.detach()) if fn is not None else y.detach()
-                s = activation_statistics(y, act, unit_dim_for(g.module))
-                (dead if act in RELU_FAMILY else sat).setdefault(g.name, []).append(float(s[2] if act in RELU_FAMILY else s[3]))
-
-        hooks.append(target.register_forward_hook(hook))
-    try:
-        model.train()
-        for i, batch in enumerate(batches):
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch, i)
-            losses.append(float(loss.detach()))
-            loss.backward()
-            (norms,) = to_host(grad_statistics(groups)[:, 0])  # per-layer L2 norms, one transfer
-            sq = 0.0
-            for g, n in zip(groups, norms):
-                sums[g.name] += n / len(batches)
-                sq += n * n
-            totals.append(math.sqrt(sq))
-            nonfinite = nonfinite or not math.isfinite(sq)
-    finally:
-        for h in hooks:
-            h.remove()
-        state.restore()
-    names = [g.name for g in groups]
-    flow = sums[names[0]] / sums[names[-1]] if len(names) > 1 and sums[names[-1]] > 0 else 1.0
-    return Probe(
-        sums, flow, totals, losses, {k: sum(v) / len(v) for k, v in sat.items()}, {k: sum(v) / len(v) for k, v in dead.items()},
-        nonfinite, any(isinstance(m, nn.RNNBase) for m in model.modules()), {g.name: g.activation for g in groups},
-        any(isinstance(m, _NORMS) for m in model.modules()),
-    )
-
-
-def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: Optional[int] = None,
-                   layers: Optional[list[Any]] = None) -> None:
-    """Apply structural remedies, then init (so init sees the final activations). ``layers``: the model's
-    :func:`~lightning_gradguard.graph.find_layers` after the structural remedies, when the caller has them."""
-    if "activation" in remedies:
-        replace_activations(model, remedies["activation"]["mapping"])
-    if "batchnorm" in remedies:
-        insert_batchnorm(model, **remedies["batchnorm"])
-    if "init" in remedies:
-        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)),
-                   layers=layers)
-
-
-#: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
-#: AutoClip with a warm-up at norm 1, AGC λ=0.01, value 0.01, norm 1, z-score (ZClip) with its own defaults
-CLIP_DEFAULTS: dict[str, dict[str, float]] = {
-    "percentile": {"warmup_threshold": 1.0}, "agc": {"threshold": 0.01}, "value": {"threshold": 0.01},
-    "norm": {"threshold": 1.0}, "zscore": {},
-}
-
-
-def clip_options(options: dict[str, Any], algorithm: str = "percentile") -> dict[str, Any]:
-    """``GradientClipping`` keyword arguments for a clipping remedy: its algorithm (else ``algorithm``), the
-    :data:`CLIP_DEFAULTS` of that algorithm, and any option the remedy sets itself."""
-    algo = options.get("algorithm", algorithm)
-    return {**CLIP_DEFAULTS[algo], **options, "algorithm": algo}
-
-
-def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None]:
-    """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**clip_options(options))``
-    would."""
-    from lightning_gradguard.clipping import (
-        PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_value_,
-    )
-
-    opts = clip_options(options)
-    algorithm = opts["algorithm"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if algorithm == "percentile":
-        clipper = PercentileClipper(warmup_threshold=opts["warmup_threshold"])
-        return lambda: clipper.clip_(params) and None
-    if algorithm == "zscore":
-        zclip = ZScoreClipper()  # ZClip's defaults
-        return lambda: zclip.clip_(params) and None
-    if algorithm == "agc":
-        skip = agc_exempt_params(model)
-        body = [p for p in params if id(p) not in skip]
-        return lambda: adaptive_clip_(body, opts["threshold"])
-    if algorithm == "value":
-        return lambda: clip_by_value_(params, opts["threshold"])
-    return lambda: clip_by_norm_(params, opts["threshold"]) and None
 
 
 def fmt(x: float) -> str:

@@ -76,7 +76,7 @@ class TrialRun:
     own random stream (so trials can be interleaved and still differ only by their remedies)."""
 
     def __init__(self, trials: "ModelTrials", remedies: dict[str, dict[str, Any]]) -> None:
-        from lightning_gradguard.doctor import apply_remedies, make_clipper
+        from lightning_gradguard.remedies import apply_remedies, make_clipper
 
         self.trials, self.remedies = trials, remedies
         self.steps = 0
@@ -192,7 +192,7 @@ class ModelTrials:
     def structure(self, remedies: dict[str, dict[str, Any]]) -> nn.Module:
         """The model with the structural remedies (activation replacement, BatchNorm) of ``remedies`` applied,
         built once per structure and cached (the surgery traces the model, which costs more than a few steps)."""
-        from lightning_gradguard.doctor import apply_remedies
+        from lightning_gradguard.remedies import apply_remedies
 
         structural = {k: v for k, v in remedies.items() if k in ("activation", "batchnorm")}
         key = self._key(remedies)
