@@ -61,6 +61,11 @@ from lightning_gradguard.demo import DigitsDataModule, SequenceDataModule, Vanil
 from lightning_gradguard.demo.models import ClassifierModule  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "doctor_zoo.json"
+
+
+def cache_path(seed: int) -> Path:
+    """The cache of a zoo: ``doctor_zoo.json`` for the development zoo, ``doctor_zoo_seed<N>.json`` for another."""
+    return CACHE.with_name("doctor_zoo.json" if not seed else f"doctor_zoo_seed{seed}.json")
 EPOCHS, SEED, LR = 20, 0, 0.01
 ACTS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu")
 INITS = ("default", "normal0.01", "normal0.1", "normal1", "uniform")
@@ -108,9 +113,14 @@ class ZooNet(ClassifierModule):
                     m.bias.zero_()
 
 
-def zoo() -> list[dict[str, Any]]:
-    """The generated nets: 40 sick candidates drawn from the issue's ranges (every activation and init
-    covered, functional and module activations), one recurrent net, 5 healthy nets."""
+def zoo(seed: int = 0) -> list[dict[str, Any]]:
+    """The generated nets. Seed 0, the development zoo: 40 sick candidates drawn from the issue's ranges (every
+    activation and init covered, functional and module activations), one recurrent net, 5 healthy nets. Any
+    other seed, a held-out zoo drawn after the doctor was built: 24 nets with family, depth, width, activation,
+    init and functional/module drawn at random from the same ranges, and 4 healthy ones (depth 2-4, default
+    init)."""
+    if seed:
+        return heldout_zoo(seed)
     rng = random.Random(0)
     nets = []
     for i in range(40):
@@ -127,6 +137,23 @@ def zoo() -> list[dict[str, Any]]:
                ("mlp", 3, 128, "gelu", False), ("cnn", 2, 16, "relu", False)]
     for family, depth, width, act, functional in healthy:
         nets.append({"family": family, "depth": depth, "width": width, "activation": act, "functional": functional,
+                     "init": "default", "healthy": True})
+    return nets
+
+
+def heldout_zoo(seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    nets: list[dict[str, Any]] = []
+    for _ in range(24):
+        family = rng.choice(("mlp", "mlp", "mlp", "cnn"))
+        depth = rng.choice((6, 8, 10, 12, 16)) if family == "cnn" else rng.choice((10, 15, 20, 30, 40, 60))
+        width = rng.choice((8, 16)) if family == "cnn" else rng.choice((32, 64) if depth >= 30 else (32, 64, 128, 256))
+        nets.append({"family": family, "depth": depth, "width": width, "activation": rng.choice(ACTS),
+                     "functional": rng.random() < 1 / 3, "init": rng.choice(INITS)})
+    for _ in range(4):
+        family = rng.choice(("mlp", "mlp", "cnn"))
+        nets.append({"family": family, "depth": rng.choice((2, 3, 4)), "width": rng.choice((16,)) if family == "cnn"
+                     else rng.choice((64, 128)), "activation": rng.choice(ACTS), "functional": rng.random() < 1 / 3,
                      "init": "default", "healthy": True})
     return nets
 
@@ -242,7 +269,7 @@ def remedy_digest() -> str:
     """Digest of what the remedy-subset fits depend on: the remedy code and this script's nets, recipes and fit."""
     pkg = ROOT / "lightning_gradguard"
     paths = sorted(q for name in REMEDY_CODE for q in ([pkg / name] if name.endswith(".py") else (pkg / name).rglob("*.py")))
-    src = "".join(inspect.getsource(o) for o in (FunctionalBlock, ZooNet, zoo, build, recipe, fit))
+    src = "".join(inspect.getsource(o) for o in (FunctionalBlock, ZooNet, zoo, heldout_zoo, build, recipe, fit))
     return _hash(paths, src + repr((EPOCHS, SEED, LR, SUBSETS)))
 
 
@@ -277,11 +304,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--nets", default="", help="indices, e.g. 0-9,12 (default: all)")
     parser.add_argument("--quick", action="store_true", help="3 small nets (sick MLP, sick CNN, healthy MLP), 2 epochs, no cache")
     parser.add_argument("--write-readme", action="store_true", help="summarise the cache into README (block doctor_zoo)")
+    parser.add_argument("--zoo-seed", type=int, default=0,
+                        help="0: the development zoo (46 nets); another seed: a held-out zoo of 28 nets drawn with it "
+                             "(cache benchmarks/doctor_zoo_seed<N>.json, README block doctor_zoo_seed<N>)")
     args = parser.parse_args(argv)
+    if args.zoo_seed < 0:
+        parser.error(f"--zoo-seed={args.zoo_seed}: must be 0 (the development zoo) or a positive seed")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    nets = zoo()
+    global CACHE
+    CACHE = cache_path(args.zoo_seed)
+    block = "doctor_zoo" if not args.zoo_seed else f"doctor_zoo_seed{args.zoo_seed}"
+    nets = zoo(args.zoo_seed)
     cache = json.loads(CACHE.read_text()) if CACHE.exists() and not args.quick else {}
     version = digest()  # GradGuard fits: any package change re-runs them; subset fits are keyed by remedy_digest()
     if args.write_readme:
@@ -290,8 +325,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             raise SystemExit(f"--write-readme: {len(rows)} of {len(nets)} nets cached for this code ({version}); run the rest")
         lines = [HEADER, *map(line, rows), "", *summary(rows)]
         print("\n".join(lines))
-        write_block("doctor_zoo", "Measured by `python benchmarks/doctor_zoo.py --nets ...` then `--write-readme`:\n\n```\n"
-                    + "\n".join(lines) + "\n```")
+        seed_arg = f" --zoo-seed {args.zoo_seed}" if args.zoo_seed else ""
+        write_block(block, f"Measured by `python benchmarks/doctor_zoo.py{seed_arg} --nets ...` then "
+                    f"`python benchmarks/doctor_zoo.py{seed_arg} --write-readme`:\n\n```\n" + "\n".join(lines) + "\n```")
         return rows
     picks = [15, 4, 41] if args.quick else (parse_nets(args.nets, len(nets)) if args.nets else list(range(len(nets))))
     print(HEADER, flush=True)

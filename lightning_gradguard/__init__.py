@@ -60,7 +60,7 @@ _EXPORTS: dict[str, str] = {
     "broadcast_object": "lightning_gradguard.distributed",
     "reduce_sum_max": "lightning_gradguard.distributed",
     "check_strategy": "lightning_gradguard.distributed",
-    "probe": "lightning_gradguard.doctor",
+    "probe": "lightning_gradguard.probe",
     "decide": "lightning_gradguard.doctor",
     "DoctorOptions": "lightning_gradguard.doctor",
     "Diagnosis": "lightning_gradguard.doctor",
@@ -93,7 +93,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from lightning_gradguard.activations import register_activation
     from lightning_gradguard.distributed import broadcast_object, check_strategy, reduce_sum_max
-    from lightning_gradguard.doctor import Diagnosis, DoctorOptions, decide, probe
+    from lightning_gradguard.doctor import Diagnosis, DoctorOptions, decide
+    from lightning_gradguard.probe import probe
     from lightning_gradguard.graph import LayerInfo, find_layers
     from lightning_gradguard.health import Finding, HealthDetector, LayerRow
     from lightning_gradguard.init import InitRecord, compute_fans, initialize, variance_scaling_

@@ -25,8 +25,10 @@ How it decides:
    than ``noise_z`` standard errors of the per-batch differences, and by at least ``margin`` (relative).
    Between the two finalists the smaller set wins unless the larger one beats it.
 5. **Do no harm.** The winner is kept only when it beats no remedy (at the last rung where both were
-   scored) beyond that noise, or when no remedy does not learn at all (its held-out loss does not fall beyond
-   noise) and the winner does; otherwise nothing is applied. When nothing learns within the budget while no
+   scored) beyond that noise, or when no remedy does not learn at all and the winner does; otherwise nothing
+   is applied. *Learning* means the held-out loss falls beyond noise since the first rung (since the start
+   for a candidate that ran one rung): a fall from a high start (large logits collapsing to chance in the
+   first steps) that then stalls or rises again is not learning. When nothing learns within the budget while no
    remedy does not learn either, the fullest raced set of the recipe is applied (a net that does not learn
    cannot be harmed).
 6. **Clipping** is by rule, as part of every candidate: a recurrent layer, non-finite gradients, a
@@ -40,59 +42,19 @@ the no-remedy and init trials included; a candidate the budget did not cover is 
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
-from lightning_gradguard.graph import model_input
-from lightning_gradguard.init import initialize
-from lightning_gradguard.stats import (
-    activation_hook_target, activation_statistics, shared_activations, grad_statistics, layer_groups, to_host, unit_dim_for,
-)
-from lightning_gradguard.surgery import insert_batchnorm, replace_activations
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+from lightning_gradguard.probe import Probe, probe  # noqa: F401  (probe: re-exported, the doctor's first step)
+from lightning_gradguard.remedies import CLIP_DEFAULTS, apply_remedies, clip_options, make_clipper  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
 OptFn = Callable[[nn.Module], torch.optim.Optimizer]
-
-
-@dataclass
-class Probe:
-    """What one probe measured (host values)."""
-
-    grad_norms: dict[str, float]
-    flow_ratio: float
-    total_norms: list[float]
-    losses: list[float]
-    saturated: dict[str, float]
-    dead: dict[str, float]
-    nonfinite: bool
-    recurrent: bool
-    activations: dict[str, Optional[str]]
-    normalized: bool = False  # the model already has a normalization layer (BatchNorm, LayerNorm, GroupNorm, ...)
-
-    @property
-    def spike(self) -> float:
-        finite = [n for n in self.total_norms if math.isfinite(n)]
-        if len(finite) < 2:
-            return 1.0
-        med = sorted(finite)[len(finite) // 2]
-        return max(finite) / med if med > 0 else float("inf")
-
-    @property
-    def max_saturated(self) -> float:
-        return max(self.saturated.values(), default=0.0)
-
-    @property
-    def max_dead(self) -> float:
-        return max(self.dead.values(), default=0.0)
 
 
 @dataclass
@@ -103,143 +65,6 @@ class Decision:
     status: str  # applied / not applied / suggested / forced / off / untried
     measurement: str
     options: dict[str, Any] = field(default_factory=dict)
-
-
-class _State:
-    """Model weights and buffers, RNG states, training mode and gradients: saved, then put back."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.weights = copy.deepcopy(model.state_dict())
-        self.training = model.training
-        self.grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.py_rng = random.getstate()
-        try:
-            import numpy as np
-
-            self.np_rng: Any = np.random.get_state()
-        except ImportError:  # pragma: no cover
-            self.np_rng = None
-
-    def restore(self) -> None:
-        self.model.load_state_dict(self.weights)
-        self.model.train(self.training)
-        for n, p in self.model.named_parameters():
-            p.grad = self.grads.get(n)
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-        random.setstate(self.py_rng)
-        if self.np_rng is not None:
-            import numpy as np
-
-            np.random.set_state(self.np_rng)
-
-
-def probe(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, saturation_eps: float = 0.01) -> Probe:
-    """Forward/backward passes on ``batches`` (no optimizer step); the model, its gradients, BN running
-    statistics and every RNG are left exactly as they were."""
-    state = _State(model)
-    first = batches[0] if len(batches) else None
-    groups = [g for g in layer_groups(model, sample_input=model_input(first)) if g.info is not None and not g.frozen]
-    modules = dict(model.named_modules())
-    shared = shared_activations(groups)
-    sums = {g.name: 0.0 for g in groups}
-    sat: dict[str, list[float]] = {}
-    dead: dict[str, list[float]] = {}
-    totals, losses, nonfinite = [], [], False
-    hooks = []
-    for g in groups:
-        act = g.activation
-        if act not in RELU_FAMILY and act not in SATURATING_BOUNDS:
-            continue
-        target, fn = activation_hook_target(g, modules, shared)
-
-        def hook(mod, inp, out, g=g, act=act, fn=fn):
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            if isinstance(y, torch.Tensor):
-                y = fn(y.detach()) if fn is not None else y.detach()
-                s = activation_statistics(y, act, unit_dim_for(g.module))
-                (dead if act in RELU_FAMILY else sat).setdefault(g.name, []).append(float(s[2] if act in RELU_FAMILY else s[3]))
-
-        hooks.append(target.register_forward_hook(hook))
-    try:
-        model.train()
-        for i, batch in enumerate(batches):
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch, i)
-            losses.append(float(loss.detach()))
-            loss.backward()
-            (norms,) = to_host(grad_statistics(groups)[:, 0])  # per-layer L2 norms, one transfer
-            sq = 0.0
-            for g, n in zip(groups, norms):
-                sums[g.name] += n / len(batches)
-                sq += n * n
-            totals.append(math.sqrt(sq))
-            nonfinite = nonfinite or not math.isfinite(sq)
-    finally:
-        for h in hooks:
-            h.remove()
-        state.restore()
-    names = [g.name for g in groups]
-    flow = sums[names[0]] / sums[names[-1]] if len(names) > 1 and sums[names[-1]] > 0 else 1.0
-    return Probe(
-        sums, flow, totals, losses, {k: sum(v) / len(v) for k, v in sat.items()}, {k: sum(v) / len(v) for k, v in dead.items()},
-        nonfinite, any(isinstance(m, nn.RNNBase) for m in model.modules()), {g.name: g.activation for g in groups},
-        any(isinstance(m, _NORMS) for m in model.modules()),
-    )
-
-
-def apply_remedies(model: nn.Module, remedies: dict[str, dict[str, Any]], seed: Optional[int] = None) -> None:
-    """Apply structural remedies, then init (so init sees the final activations)."""
-    if "activation" in remedies:
-        replace_activations(model, remedies["activation"]["mapping"])
-    if "batchnorm" in remedies:
-        insert_batchnorm(model, **remedies["batchnorm"])
-    if "init" in remedies:
-        initialize(model, remedies["init"].get("scheme", "auto"), seed=seed, force=bool(remedies["init"].get("force", False)))
-
-
-#: the clipping GradGuard uses for each algorithm, in its trials and in the ``GradientClipping`` it applies:
-#: AutoClip with a warm-up at norm 1, AGC λ=0.01, value 0.01, norm 1, z-score (ZClip) with its own defaults
-CLIP_DEFAULTS: dict[str, dict[str, float]] = {
-    "percentile": {"warmup_threshold": 1.0}, "agc": {"threshold": 0.01}, "value": {"threshold": 0.01},
-    "norm": {"threshold": 1.0}, "zscore": {},
-}
-
-
-def clip_options(options: dict[str, Any], algorithm: str = "percentile") -> dict[str, Any]:
-    """``GradientClipping`` keyword arguments for a clipping remedy: its algorithm (else ``algorithm``), the
-    :data:`CLIP_DEFAULTS` of that algorithm, and any option the remedy sets itself."""
-    algo = options.get("algorithm", algorithm)
-    return {**CLIP_DEFAULTS[algo], **options, "algorithm": algo}
-
-
-def make_clipper(model: nn.Module, options: dict[str, Any]) -> Callable[[], None]:
-    """A zero-argument function clipping ``model``'s gradients as ``GradientClipping(**clip_options(options))``
-    would."""
-    from lightning_gradguard.clipping import (
-        PercentileClipper, ZScoreClipper, adaptive_clip_, agc_exempt_params, clip_by_norm_, clip_by_value_,
-    )
-
-    opts = clip_options(options)
-    algorithm = opts["algorithm"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if algorithm == "percentile":
-        clipper = PercentileClipper(warmup_threshold=opts["warmup_threshold"])
-        return lambda: clipper.clip_(params) and None
-    if algorithm == "zscore":
-        zclip = ZScoreClipper()  # ZClip's defaults
-        return lambda: zclip.clip_(params) and None
-    if algorithm == "agc":
-        skip = agc_exempt_params(model)
-        body = [p for p in params if id(p) not in skip]
-        return lambda: adaptive_clip_(body, opts["threshold"])
-    if algorithm == "value":
-        return lambda: clip_by_value_(params, opts["threshold"])
-    return lambda: clip_by_norm_(params, opts["threshold"]) and None
 
 
 def fmt(x: float) -> str:
@@ -407,21 +232,24 @@ def plan(n: int, trial_steps: int, eval_cost: float, units: float) -> int:
 
 
 def learning(row: "RaceRow", z: float, margin: float) -> bool:
-    """The candidate's held-out loss fell since its start beyond noise."""
+    """The candidate's held-out loss is falling beyond noise: since its first rung when it ran two rungs or more,
+    else since its start. A fall from a high start alone is not learning: huge logits (a large init) collapse
+    to chance in the first steps, and a loss that then stalls, or rises again, is not learning."""
+    if len(row.scores) > 2:
+        return beats(row.scores[-1], row.scores[1], z, margin)
     return len(row.scores) > 1 and beats(row.scores[-1], row.scores[0], z, margin)
 
 
 def survivors(alive: list["RaceRow"], options: DoctorOptions) -> list["RaceRow"]:
-    """The better half by held-out loss; the last place goes to the candidate whose loss fell most since its
-    start, when that is not already in (a set that starts high, e.g. larger logits after BatchNorm, but learns
-    fast is not dropped for its start)."""
+    """The better half by held-out loss; the last place goes to the best-scoring candidate whose loss is
+    falling, when the one ranked there is not (a set that starts high, e.g. larger logits after BatchNorm, but
+    learns is not dropped for its start). Ranked by the loss reached, not by the size of the fall: a fall is
+    largest from the worst start."""
     keep = (len(alive) + 1) // 2
     ranked = sorted(alive, key=lambda r: r.score)
-    chosen = ranked[: keep - 1]
-    rest = [r for r in ranked if r not in chosen]
+    chosen, rest = ranked[: keep - 1], ranked[keep - 1 :]
     fallers = [r for r in rest if learning(r, options.noise_z, options.margin)]
-    best_fall = min(fallers, key=lambda r: r.score - _mean(r.scores[0]), default=None)
-    return chosen + [best_fall if best_fall is not None else rest[0]]
+    return chosen + [fallers[0] if fallers else rest[0]]
 
 
 def name_of(remedies: dict[str, Any]) -> str:
@@ -437,6 +265,8 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
     n = plan(len(rows), options.trial_steps, trials.eval_cost(), trials.units_left())
     alive, runs = rows[:n], {}
     target, stop = options.trial_steps, None
+    if hasattr(trials, "expect"):
+        trials.expect([row.remedies for row in alive])
     try:
         for row in alive:  # started one by one: the wall-clock cap is checked before each copy and surgery
             trials.charge(0.0)
@@ -472,6 +302,15 @@ def _compare_at(a: RaceRow, b: RaceRow) -> Optional[int]:
     return None if not common else common[-1]
 
 
+def _smallest_unbeaten(rows: list[RaceRow], z: float, m: float) -> RaceRow:
+    """The lowest held-out loss of ``rows`` (sorted by it), or a smaller set of remedies that it does not beat."""
+    best = rows[0]
+    for other in rows[1:]:
+        if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):
+            best = other
+    return best
+
+
 def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow, str]:
     """The winner of a finished race (module docstring, steps 4-5): ``(chosen, reference, why)``."""
     ref = rows[0]
@@ -481,33 +320,31 @@ def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow,
         return ref, ref, "no candidate trained within the budget"
     last = max(r.steps[-1] for r in scored)
     finalists = sorted([r for r in scored if r.steps[-1] == last], key=lambda r: r.score)
-    ref_learns = learning(ref, z, m)
-    if not ref_learns:  # no remedy does not learn: prefer a finalist that does, even from a higher start
-        learners = [r for r in finalists if learning(r, z, m)]
-        if not learners:  # nothing learned within the budget: a net that does not learn cannot be harmed, so
-            # the fullest raced set of the recipe ladder (the candidates' order) is applied
-            full = next((r for r in scored if r is not ref and "init" in r.remedies), None)
-            if full is not None:
-                return full, ref, (f"no remedy does not learn (held-out loss {fmt(_mean(ref.scores[0]))} → "
-                                   f"{fmt(ref.score)}) and no candidate learned within the budget: the fullest "
-                                   "raced recipe")
-        finalists = learners or finalists
-    best = finalists[0]
-    for other in finalists[1:]:  # a smaller set that the larger one does not beat wins
-        if set(other.remedies) < set(best.remedies) and not beats(best.scores[-1], other.scores[-1], z, m):
-            best = other
+    best = _smallest_unbeaten(finalists, z, m)
+    steps = _compare_at(best, ref) if best is not ref else None
+    if steps is not None:
+        b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
+        if beats(b, a, z, m):
+            return best, ref, f"held-out loss {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps"
+    if not learning(ref, z, m):  # no remedy does not learn: a finalist that does is kept, even from a higher start
+        ref_text = f"held-out loss {fmt(_mean(ref.scores[0]))} at start, " + ", ".join(
+            f"{fmt(_mean(v))} after {s}" for s, v in zip(ref.steps[1:], ref.scores[1:]))
+        learners = [r for r in finalists if r is not ref and learning(r, z, m)]
+        if learners:
+            best = _smallest_unbeaten(learners, z, m)
+            return best, ref, (f"no remedy does not learn ({ref_text}), '{best.name}' does (" + ", ".join(
+                f"{fmt(_mean(v))} after {s}" for s, v in zip(best.steps, best.scores)) + ")")
+        # nothing learned within the budget: a net that does not learn cannot be harmed, so the fullest raced
+        # set of the recipe ladder (the candidates' order) is applied
+        full = next((r for r in scored if r is not ref and "init" in r.remedies), None)
+        if full is not None:
+            return full, ref, (f"no remedy does not learn ({ref_text}) and no candidate learned within the "
+                               "budget: the fullest raced recipe")
     if best is ref:
         return ref, ref, "no candidate beat no remedy beyond noise"
-    steps = _compare_at(best, ref)
     if steps is None:
         return ref, ref, f"'{best.name}' and no remedy were not scored after the same steps"
     b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
-    if beats(b, a, z, m):
-        return best, ref, f"held-out loss {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps"
-    if not ref_learns and learning(best, z, m):
-        return best, ref, (f"no remedy does not learn (held-out loss {fmt(ref.score)} after {ref.steps[-1]} steps, "
-                           f"{fmt(_mean(ref.scores[0]))} at start), '{best.name}' does ({fmt(_mean(best.scores[0]))} → "
-                           f"{fmt(best.score)})")
     return ref, ref, f"best '{best.name}' {fmt(_mean(b))} vs {fmt(_mean(a))} without remedy after {steps} steps: within noise"
 
 

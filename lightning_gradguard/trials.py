@@ -29,12 +29,15 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from lightning_gradguard.graph import LayerInfo, find_layers
 
 #: the cost of a forward pass without backward relative to a training step (forward + backward + step)
 EVAL_COST = 1.0 / 3.0
@@ -73,17 +76,18 @@ class TrialRun:
     own random stream (so trials can be interleaved and still differ only by their remedies)."""
 
     def __init__(self, trials: "ModelTrials", remedies: dict[str, dict[str, Any]]) -> None:
-        from lightning_gradguard.doctor import apply_remedies, make_clipper
+        from lightning_gradguard.remedies import apply_remedies, make_clipper
 
         self.trials, self.remedies = trials, remedies
         self.steps = 0
         self.diverged = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(trials.seed)
-            self.model = copy.deepcopy(trials.structure(remedies), dict(trials.memo))
+            template, owned = trials.take_structure(remedies)
+            self.model = template if owned else copy.deepcopy(template, dict(trials.memo))
             if "init" in remedies:  # force=True skips the loaded-weights check when it is known to keep nothing
                 init = {**remedies["init"], "force": remedies["init"].get("force") or trials.init_keeps_nothing}
-                apply_remedies(self.model, {"init": init}, seed=trials.seed)
+                apply_remedies(self.model, {"init": init}, seed=trials.seed, layers=trials.layers_of(remedies, self.model))
             self.optimizer = trials.make_optimizer(self.model)
             self.clip = make_clipper(self.model, remedies["clipping"]) if "clipping" in remedies else None
             self._rng = torch.get_rng_state()
@@ -162,6 +166,8 @@ class ModelTrials:
         self.spent_units = float(spent_units)
         self.started = time.perf_counter()
         self._structures: dict[str, nn.Module] = {}
+        self._layers: dict[str, list[LayerInfo]] = {}
+        self._uses: dict[str, int] = {}
         #: the caller checked that init keeps no layer as loaded/trained (so trials may skip that check)
         self.init_keeps_nothing = False
 
@@ -179,13 +185,17 @@ class ModelTrials:
             raise BudgetSpent(f"budget_seconds={self.budget_seconds:g} spent")
         self.spent_units += units
 
+    @staticmethod
+    def _key(remedies: dict[str, dict[str, Any]]) -> str:
+        return repr(sorted((k, v) for k, v in remedies.items() if k in ("activation", "batchnorm")))
+
     def structure(self, remedies: dict[str, dict[str, Any]]) -> nn.Module:
         """The model with the structural remedies (activation replacement, BatchNorm) of ``remedies`` applied,
         built once per structure and cached (the surgery traces the model, which costs more than a few steps)."""
-        from lightning_gradguard.doctor import apply_remedies
+        from lightning_gradguard.remedies import apply_remedies
 
         structural = {k: v for k, v in remedies.items() if k in ("activation", "batchnorm")}
-        key = repr(sorted(structural.items()))
+        key = self._key(remedies)
         if key not in self._structures:
             if not structural:
                 self._structures[key] = self.model
@@ -197,9 +207,42 @@ class ModelTrials:
                 self._structures[key] = built
         return self._structures[key]
 
+    def expect(self, sets: Sequence[dict[str, dict[str, Any]]]) -> None:
+        """The candidate sets about to start: a structure that only one of them uses is handed to that trial
+        instead of being copied once more (see :meth:`take_structure`)."""
+        self._uses = {}
+        for remedies in sets:
+            key = self._key(remedies)
+            self._uses[key] = self._uses.get(key, 0) + 1
+
+    def take_structure(self, remedies: dict[str, dict[str, Any]]) -> tuple[nn.Module, bool]:
+        """The structure of ``remedies`` and whether the trial owns it (its last expected user, and not the
+        model itself: no copy needed) or must copy it."""
+        key = self._key(remedies)
+        structure = self.structure(remedies)
+        self._uses[key] = self._uses.get(key, 0) - 1
+        if structure is self.model or self._uses[key] != 0:
+            return structure, False
+        if "init" in remedies:
+            self.layers_of(remedies, structure)  # found on the structure before it changes hands
+        del self._structures[key]
+        return structure, True
+
+    def layers_of(self, remedies: dict[str, dict[str, Any]], model: nn.Module) -> Optional[list[LayerInfo]]:
+        """``find_layers`` of a copy of the structure of ``remedies``: found once on the structure (a trace), then
+        pointed at the copy's modules by name (``None``, so init finds them itself, if a name is not a module)."""
+        key = self._key(remedies)
+        if key not in self._layers:
+            self._layers[key] = find_layers(self.structure(remedies))
+        try:
+            return [dataclasses.replace(info, module=model.get_submodule(info.name)) for info in self._layers[key]]
+        except AttributeError:
+            return None
+
     def close(self) -> None:
         """Free the cached structures."""
         self._structures.clear()
+        self._layers.clear()
 
     def start(self, remedies: dict[str, dict[str, Any]]) -> TrialRun:
         return TrialRun(self, remedies)

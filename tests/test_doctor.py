@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gradguard.doctor import DoctorOptions, beats, candidates, decide, plan, probe
+from lightning_gradguard.doctor import DoctorOptions, RaceRow, beats, candidates, decide, learning, pick, plan, probe, survivors
 from lightning_gradguard.trials import BudgetSpent, ModelTrials
 
 
@@ -66,6 +66,47 @@ def test_batchnorm_is_a_candidate_even_when_the_flow_looks_balanced():
     sets = candidates(p, DoctorOptions())
     assert any("batchnorm" in s for s in sets) and sets[0] == {}
     assert any(s.get("activation", {}).get("mapping") == {"tanh": "elu"} for s in sets)
+
+
+def _row(name, remedies, steps, means, spread=0.01):
+    """A race row with two held-out batches per score, ``mean ± spread``."""
+    return RaceRow(name, {r: {} for r in remedies}, list(steps), [[m - spread, m + spread] for m in means])
+
+
+def test_a_fall_from_a_high_start_that_then_stalls_or_rises_is_not_learning():
+    opts = DoctorOptions()
+    z, m = opts.noise_z, opts.margin
+    assert learning(_row("init", ["init"], [0, 6], [16.1, 2.84]), z, m)  # one rung: the fall from the start counts
+    assert not learning(_row("init", ["init"], [0, 6, 13], [16.1, 2.84, 4.53]), z, m)  # rises after the first rung
+    assert not learning(_row("ref", [], [0, 6, 13], [15.6, 2.41, 2.40]), z, m)  # collapsed to chance, then stalls
+    assert learning(_row("bn", ["batchnorm"], [0, 6, 13], [2.9, 2.2, 1.6]), z, m)
+
+
+def test_the_last_survivor_place_goes_to_the_best_loss_that_falls_not_to_the_biggest_fall():
+    ref = _row("no remedy", [], [0, 6], [2.30, 2.30])
+    bn = _row("init+batchnorm", ["init", "batchnorm"], [0, 6], [2.75, 2.37])
+    init = _row("init", ["init"], [0, 6], [16.1, 2.84])  # the biggest fall, from the worst start
+    assert [r.name for r in survivors([ref, bn, init], DoctorOptions())] == ["no remedy", "init+batchnorm"]
+
+
+def test_pick_when_no_remedy_does_not_learn():
+    opts = DoctorOptions()
+    ref = _row("no remedy", [], [0, 6, 13], [2.30, 2.30, 2.30])
+    rising = _row("init", ["init"], [0, 6, 13], [16.1, 2.84, 4.53])
+    chosen, _, why = pick([ref, rising], opts)
+    assert chosen is rising and "fullest raced recipe" in why  # nothing learns: a net at chance cannot be harmed
+    # a finalist that learns is kept even from a higher start
+    slow = _row("init+batchnorm", ["init", "batchnorm"], [0, 6, 13], [2.75, 2.40, 2.28])  # not 2% under no remedy yet
+    chosen, _, why = pick([ref, slow], opts)
+    assert chosen is slow and "does not learn" in why
+    # one that has already reached a low loss and stalls there is kept over a worse one still falling
+    done = _row("init+batchnorm+activation", ["init", "batchnorm", "activation"], [0, 6, 13], [2.9, 0.50, 0.49])
+    chosen, _, why = pick([ref, done, slow], opts)
+    assert chosen is done and "without remedy" in why
+    # nothing learns, no remedy neither: the fullest raced recipe (first in race order) is applied
+    flat = _row("init+batchnorm+activation", ["init", "batchnorm", "activation"], [0, 6, 13], [2.30, 2.39, 2.38])
+    chosen, _, why = pick([_row("no remedy", [], [0, 6, 13], [15.6, 2.41, 2.40]), flat], opts)
+    assert chosen is flat and "fullest raced recipe" in why
 
 
 def test_plan_fits_the_budget():

@@ -27,3 +27,21 @@ def test_doctor_zoo_quick_prints_a_row_per_net_and_the_summary():
     for method in ("none", "gradguard", "everything", "random", "oracle"):
         assert re.search(rf"^  {method}\s+\d+/3  mean 0\.\d{{3}}$", out, re.M), method
     assert "GradGuard probe + trials share of its fit time: min" in out
+
+
+def test_held_out_zoo_is_drawn_from_the_same_ranges_and_differs_from_the_dev_zoo():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.doctor_zoo import ACTS, INITS, zoo
+
+    dev, held = zoo(0), zoo(1)
+    assert len(dev) == 46 and len(held) == 28 and zoo(1) == held  # deterministic per seed
+    sick = [n for n in held if not n.get("healthy")]
+    assert len(sick) == 24 and all(n["activation"] in ACTS and n["init"] in INITS for n in held)
+    assert all(10 <= n["depth"] <= 60 for n in sick if n["family"] == "mlp")
+    assert all(6 <= n["depth"] <= 16 for n in sick if n["family"] == "cnn")
+    same = {repr(sorted(n.items())) for n in sick} & {repr(sorted(n.items())) for n in dev}
+    assert len(same) == 1  # mlp 10x64 leaky_relu normal0.1 was drawn again (README says so); the rest are new
+    assert zoo(2) != held
+    proc = subprocess.run([sys.executable, "benchmarks/doctor_zoo.py", "--zoo-seed", "-1"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "--zoo-seed=-1" in proc.stderr

@@ -15,7 +15,7 @@ import lightning_gradguard
 from lightning_gradguard import GradGuard, GradientMonitor, Normalized
 from lightning_gradguard.callbacks.gradguard import _loss_of
 from lightning_gradguard.demo import DeepMLP, DigitsDataModule, SequenceDataModule, SyntheticDataModule, VanillaRNN
-from lightning_gradguard.doctor import probe
+from lightning_gradguard.probe import probe
 from tests.helpers import load_events, read_texts
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradientClipping, GradientMonitor
-from lightning_gradguard.doctor import probe
+from lightning_gradguard.probe import probe
 from lightning_gradguard.report import finding_lines
 from lightning_gradguard.shared_norms import step_norms_for
 from tests.helpers import load_events, read_texts

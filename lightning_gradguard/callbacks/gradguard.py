@@ -24,7 +24,9 @@ from lightning_gradguard.callbacks.gradient_clipping import GradientClipping
 from lightning_gradguard.callbacks.gradient_monitor import GradientMonitor
 from lightning_gradguard.callbacks.weight_init import WeightInitialization
 from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_multi_process
-from lightning_gradguard.doctor import Decision, Diagnosis, DoctorOptions, clip_options, decide, probe, race_table
+from lightning_gradguard.doctor import Decision, Diagnosis, DoctorOptions, decide, race_table
+from lightning_gradguard.probe import probe
+from lightning_gradguard.remedies import clip_options
 from lightning_gradguard.graph import find_layers, model_input
 from lightning_gradguard.init import kept_layers
 from lightning_gradguard.reporting import log_markdown, print_table

@@ -31,8 +31,23 @@ def _functional_nodes(graph: Any, specs: dict) -> list[tuple[Any, str]]:
     return out
 
 
+#: torch.nn modules whose own ``forward`` calls no activation function: not traced (exact types only, so a
+#: subclass with its own ``forward`` is still traced). Tracing each Linear of a deep net costs more than the
+#: rest of the surgery.
+NO_ACTIVATION_TYPES: frozenset = frozenset({
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Sequential, nn.ModuleList, nn.ModuleDict,
+})
+
+
 def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
-    """Rewrite each submodule whose own ``forward`` calls a functional activation named in ``specs``."""
+    """Rewrite each submodule whose own ``forward`` calls a functional activation named in ``specs``
+    (modules of :data:`NO_ACTIVATION_TYPES` are not traced)."""
     class _Leafy(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return True  # trace only the module's own forward
@@ -40,6 +55,8 @@ def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
     changes: list[Change] = []
     for path, mod in list(model.named_modules()):
         if len(list(mod.children())) == 0 and not path or activation_module_name(mod) is not None:
+            continue
+        if path and type(mod) in NO_ACTIVATION_TYPES:
             continue  # an activation module's own forward (F.prelu in nn.PReLU) is swapped, not rewritten
         try:
             with warnings.catch_warnings():
