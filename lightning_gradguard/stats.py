@@ -211,7 +211,8 @@ class GradStatsPlan:
             grads = [p.grad for p in self.params]
         n_groups = len(self.groups)
         # a gradient has its parameter's shape, dtype and device (autograd and the ``.grad`` setter enforce it):
-        # which gradients exist and their dtypes (a model cast to another precision) and device are what can change
+        # which gradients exist and their dtypes (a model cast to another precision) and device are what usually
+        # change; a parameter given another size in place makes a copy below fail, and the plan is built again
         signature = tuple(None if g is None else g.dtype for g in grads)
         first = next((g for g in grads if g is not None), None)
         if first is None:
@@ -223,8 +224,18 @@ class GradStatsPlan:
         assert dev is not None and self._to_group is not None and self._numel is not None
         per = torch.zeros(len(grads), 4, device=dev)  # sum sq, sum, non-zeros, non-finite
         amax = torch.zeros(len(grads), device=dev)
-        for bucket in self._buckets:
-            bucket.reduce_into(grads, per, amax)
+        try:
+            for bucket in self._buckets:
+                bucket.reduce_into(grads, per, amax)
+        except RuntimeError:
+            # a gradient of another size under the same parameter (the model changed in place): the copies into
+            # the buffer no longer fit. Build again for these gradients and start over (an error of any other
+            # cause comes back from the second try)
+            self._build(grads, signature)
+            per.zero_()
+            amax.zero_()
+            for bucket in self._buckets:
+                bucket.reduce_into(grads, per, amax)
         sq = per[:, 0]
         if not all(b.count_on_device for b in self._buckets) and not bool(torch.isfinite(sq).all()):
             # a sum of squares is Inf/NaN only where a value is (or a square overflows): count those exactly;
@@ -298,7 +309,7 @@ class _Chunk:
         whole = [(t, off) for t, a, b, off in parts if a == 0 and b == grads[t].numel()]  # type: ignore[union-attr]
         cut = [(t, a, b, off) for t, a, b, off in parts if not (a == 0 and b == grads[t].numel())]  # type: ignore[union-attr]
         self.full = [t for t, _ in whole]
-        self.pieces = [(t, a, b) for t, a, b, _ in cut]
+        self.pieces = [(t, a, b, grads[t].numel()) for t, a, b, _ in cut]  # type: ignore[union-attr]
         # destinations shaped like the gradients (one ``_foreach_copy_`` whatever their strides), then the pieces
         self.dst = [buffer[off : off + grads[t].numel()].view(grads[t].shape) for t, off in whole]  # type: ignore[union-attr]
         self.dst += [buffer[off : off + b - a] for _, a, b, off in cut]
@@ -388,7 +399,11 @@ class _Bucket:
                 ch.x.zero_()  # padding reads as zeros (the buffer holds other chunks' values)
             srcs = [grads[t] for t in ch.full]
             if ch.pieces:
-                srcs += [grads[t].reshape(-1)[a:b] for t, a, b in ch.pieces]  # type: ignore[union-attr]
+                for t, a, b, n in ch.pieces:
+                    g = grads[t]
+                    if g is None or g.numel() != n:  # a slice would silently miss or overrun it
+                        raise RuntimeError(f"gradient {t} has {0 if g is None else g.numel()} elements, not {n}")
+                    srcs.append(g.reshape(-1)[a:b])
             torch._foreach_copy_(ch.dst, srcs)  # type: ignore[arg-type]
             x = ch.x
             norm, total, nonzero, nonfinite, nans, top = ch.outs

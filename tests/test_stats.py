@@ -147,6 +147,27 @@ def test_a_reused_plan_follows_the_gradients():
     assert sums.shape == (2, 5) and not sums.any() and not maxes.any() and plan.tensor_sq is None
 
 
+def test_a_reused_plan_follows_a_parameter_given_another_size_in_place():
+    """Same dtypes, same gradients present, other sizes (a layer resized in place): the plan is built again, for
+    a small gradient (whole-tensor copy) and for one spanning chunks (pieces)."""
+    side = int(LARGE**0.5) + 1
+    groups = [_group("a", (20, 20), (20,)), _group("big", (side, side), seed=1)]
+    plan = GradStatsPlan(groups)
+    _check_with(plan, groups)
+    for g, shape in ((groups[0], (30, 20)), (groups[1], (side + 9, side))):
+        p = g.params[0]
+        p.data = torch.randn(*shape)
+        p.grad = torch.randn(*shape)
+        _check_with(plan, groups)
+
+
+def _check_with(plan, groups):
+    sums, maxes = plan.moments()
+    ref_sums, ref_maxes = _reference(groups)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=2e-5, atol=1e-4)
+    torch.testing.assert_close(maxes.double(), ref_maxes)
+
+
 def test_empty_gradients_and_a_layer_without_any():
     groups = [_group("e", (0,), (3,)), LayerGroup("frozen", nn.Identity(), [], "frozen", frozen=True), _group("x", (5,))]
     _check(groups)
