@@ -28,7 +28,9 @@ How it decides:
    scored) beyond that noise, or when no remedy does not learn at all and the winner does; otherwise nothing
    is applied. *Learning* means the held-out loss falls beyond noise since the first rung (since the start
    for a candidate that ran one rung): a fall from a high start (large logits collapsing to chance in the
-   first steps) that then stalls or rises again is not learning. When nothing learns within the budget while no
+   first steps) that then stalls or rises again is not learning. While the reference learns, a set whose loss
+   never fell since its own start is not kept for a lower loss (it starts lower, e.g. near-uniform outputs
+   after init, and learns nothing). When nothing learns within the budget while no
    remedy does not learn either, the fullest raced set of the recipe is applied (a net that does not learn
    cannot be harmed).
 6. **Clipping** is by rule, as part of every candidate: a recurrent layer, non-finite gradients, a
@@ -302,6 +304,11 @@ def _compare_at(a: RaceRow, b: RaceRow) -> Optional[int]:
     return None if not common else common[-1]
 
 
+def _fell(row: RaceRow, z: float, m: float) -> bool:
+    """The held-out loss fell beyond noise since the row's start (before any training)."""
+    return len(row.scores) > 1 and beats(row.scores[-1], row.scores[0], z, m)
+
+
 def _smallest_unbeaten(rows: list[RaceRow], z: float, m: float) -> RaceRow:
     """The lowest held-out loss of ``rows`` (sorted by it), or a smaller set of remedies that it does not beat."""
     best = rows[0]
@@ -320,7 +327,10 @@ def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow,
         return ref, ref, "no candidate trained within the budget"
     last = max(r.steps[-1] for r in scored)
     finalists = sorted([r for r in scored if r.steps[-1] == last], key=lambda r: r.score)
-    best = _smallest_unbeaten(finalists, z, m)
+    # while the reference (no remedy) learns, a set whose held-out loss never fell since its own start is not kept
+    # for a lower loss: the lower loss is where it started (e.g. near-uniform outputs after init), not learning
+    still = [r for r in finalists if r is not ref and learning(ref, z, m) and not _fell(r, z, m)]
+    best = _smallest_unbeaten([r for r in finalists if r not in still], z, m)
     steps = _compare_at(best, ref) if best is not ref else None
     if steps is not None:
         b, a = best.scores[best.steps.index(steps)], ref.scores[ref.steps.index(steps)]
@@ -340,6 +350,11 @@ def pick(rows: list[RaceRow], options: DoctorOptions) -> tuple[RaceRow, RaceRow,
         if full is not None:
             return full, ref, (f"no remedy does not learn ({ref_text}) and no candidate learned within the "
                                "budget: the fullest raced recipe")
+    if best is ref and still and still[0].score < ref.score:
+        r = still[0]
+        return ref, ref, (f"'{r.name}' has a lower held-out loss ({fmt(r.score)} vs {fmt(ref.score)}) but did not learn "
+                          f"({fmt(_mean(r.scores[0]))} at start), while no remedy does ({fmt(_mean(ref.scores[0]))} → "
+                          f"{fmt(ref.score)})")
     if best is ref:
         return ref, ref, "no candidate beat no remedy beyond noise"
     if steps is None:

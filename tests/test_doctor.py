@@ -109,6 +109,17 @@ def test_pick_when_no_remedy_does_not_learn():
     assert chosen is flat and "fullest raced recipe" in why
 
 
+def test_a_lower_loss_that_never_fell_does_not_beat_a_reference_that_learns():
+    # the vanilla ReLU RNN of the zoo: after init the outputs are near uniform (loss ~ln 4) and stay there, while
+    # clipping alone starts confidently wrong and learns
+    ref = _row("clipping", [], [0, 6, 12], [2.66, 1.91, 1.66])
+    flat = _row("init+batchnorm+clipping", ["init", "batchnorm"], [0, 6, 12], [1.42, 1.41, 1.41])
+    chosen, _, why = pick([ref, flat], DoctorOptions())
+    assert chosen is ref and "did not learn" in why
+    learns = _row("init+batchnorm+clipping", ["init", "batchnorm"], [0, 6, 12], [1.42, 1.30, 1.10])
+    assert pick([ref, learns], DoctorOptions())[0] is learns  # the same start, but it learns: kept
+
+
 def test_plan_fits_the_budget():
     assert plan(8, 6, 2 / 3, 10) == 0  # not even two candidates
     n = plan(8, 6, 2 / 3, 40)
