@@ -84,7 +84,7 @@ def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
     For a TensorBoard logger all values go into *one* event (one ``Summary`` with many values, built by
     :func:`scalar_summary`) instead of one ``add_scalar`` event each: the writer's queue holds 10 events, so
     hundreds of per-layer scalars written one by one wait on the writer thread (measured ~45 ms per step for 600
-    scalars); its checksum is computed by :func:`install_fast_crc`'s vectorized CRC.
+    scalars); its checksum is computed by :func:`install_fast_crc`'s CRC (``google-crc32c``).
 
     ``loggers``: ``tensorboard`` writes only to the TensorBoard loggers (safe from ``GradientMonitor``'s
     writer thread: the event file writer has its own locked queue), ``others`` only to the rest (called on
@@ -155,8 +155,7 @@ def scalar_summary(metrics: dict[str, float]) -> Any:
 
 def install_fast_crc() -> None:
     """TensorBoard checksums every record in pure Python, byte by byte, on its writer thread (GIL held): use the
-    vectorized, bit-identical :func:`lightning_gradguard._event_crc.masked_crc32c` instead (for records
-    of 1 KiB and more)."""
+    bit-identical :func:`lightning_gradguard._event_crc.masked_crc32c` (``google-crc32c``, in C) instead."""
     from lightning_gradguard import _event_crc
 
     _event_crc.install()

@@ -1,4 +1,4 @@
-"""The fast paths of TensorBoard writing: the vectorized record checksum and the packed scalar ``Summary`` give the
+"""The fast paths of TensorBoard writing: the record checksum from google-crc32c and the packed scalar ``Summary`` give the
 bytes tensorboard's own code gives, and event files written with them read back."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_event_files_written_with_the_fast_checksum_read_back(tmp_path):
 
     assert record_writer.masked_crc32c is _event_crc.masked_crc32c
     writer = SummaryWriter(str(tmp_path))
-    metrics = {f"stat/layer.{i}": float(i) / 7 for i in range(600)}  # one ~20 KB record: the vectorized path
+    metrics = {f"stat/layer.{i}": float(i) / 7 for i in range(600)}  # one ~20 KB record
     for step in range(3):
         writer._get_file_writer().add_summary(scalar_summary({k: v + step for k, v in metrics.items()}), step)
     writer.close()
