@@ -80,6 +80,10 @@ def main() -> None:
         "decided_here": guard.diagnosis is not None,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+    # tear the gloo process group down before the interpreter exits: left to interpreter shutdown, its threads
+    # were once destroyed while joinable ("terminate called without an active exception", exit code -6 in CI)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def main() -> None:
                          callbacks=[clip, Report(out, clip)], use_distributed_sampler=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(Model())
+    # tear the gloo process group down before the interpreter exits (left to shutdown, its threads can be
+    # destroyed while joinable: "terminate called without an active exception", exit code -6)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
