@@ -53,7 +53,6 @@ from torch import nn
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
 from lightning_gradguard.probe import Probe, probe  # noqa: F401  (probe: re-exported, the doctor's first step)
-from lightning_gradguard.remedies import CLIP_DEFAULTS, apply_remedies, clip_options, make_clipper  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
 OptFn = Callable[[nn.Module], torch.optim.Optimizer]

@@ -130,7 +130,7 @@ class GradGuard(Callback):
             LeakyReLU and the smooth GELU, SiLU, Mish, Hardswish; ELU for both by
             default: on the zoo, ELU trained the deep ReLU nets that LeakyReLU did not).
         clip_algorithm: the clipping applied when clipping is on: ``percentile`` (AutoClip), ``norm``,
-            ``value``, ``agc`` or ``zscore`` (ZClip), with :data:`lightning_gradguard.doctor.CLIP_DEFAULTS`.
+            ``value``, ``agc`` or ``zscore`` (ZClip), with :data:`lightning_gradguard.remedies.CLIP_DEFAULTS`.
         flow_threshold, saturation_threshold, dead_threshold: probe statistics that move candidates up the race
             order (they never remove one). spike_factor, exploding_norm: the clipping rule.
         margin: the least relative held-out loss improvement that counts (on top of the noise margin).
