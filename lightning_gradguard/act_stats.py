@@ -3,17 +3,20 @@
 A forward hook hands each layer's activation output to :meth:`ActivationAccumulator.add`. Two ways, both
 with bounded memory (no output is held past the start of backward, no float32 stack of all of them):
 
-- **waiting** (``held=True``: the output is a module's own output, which autograd keeps alive until backward
-  anyway in the usual case: the next layer saves it as its input): a reference is kept, nothing is computed.
+- **waiting** (``held=True``, which :func:`kept_by_autograd` decides: an output that autograd keeps until
+  backward anyway, because its own backward is computed from it: ReLU, sigmoid, tanh): a reference is kept,
+  nothing is computed.
   :meth:`ActivationAccumulator.reduce_pending` (``GradientMonitor`` calls it in ``on_before_backward``) reduces
-  the waiting outputs of one shape, dtype and activation family together: stacked ``PENDING_CHUNK`` elements
-  at a time (the only new memory: one such stack, transient) and reduced in 3–4 kernels per stack, instead of
-  3–4 per layer. Only outputs of at most ``SMALL`` elements wait (a large output's kernels cost more than
-  their launch: it is reduced at once). An output changed in place between the hook and the reduction (its
-  version counter moved) is not reduced: that layer has no activation row this step, and its outputs are
-  reduced at once from then on;
-- **at once** (``held=False``, a large output, or an output the hook computed itself, e.g. ``F.relu`` of a
-  layer's output: nothing else keeps it): reduced in the hook and let go.
+  the waiting outputs of one shape and activation family together: copied by one ``_foreach_copy_`` into a
+  caller's scratch buffer (``GradientMonitor`` passes its packed gradient buffer, free until the optimizer
+  step: no new memory), as many as fit, and reduced there in 4–5 kernels per stack instead of 4–5 per layer.
+  Without a scratch buffer that holds two of them, each is reduced alone, in place (no copy). Only outputs of
+  at most ``SMALL`` elements wait (a large output's kernels cost more than their launch: it is reduced at
+  once). An output changed in place between the hook and the reduction (its version counter moved) is not
+  reduced: that layer has no activation row this step, and its outputs are reduced at once from then on;
+- **at once** (``held=False``: an output nothing may keep, e.g. a layer's output that goes into a residual sum,
+  or one the hook computed itself, e.g. ``F.relu`` of a layer's output; or a large output): reduced in the
+  hook and let go.
 
 Per output: the sum and the L2 norm (accumulated in float32, float64 for float64 outputs; the mean and the
 sample std follow as ``s/n`` and ``sqrt((q - n·mean²)/(n-1))``, computed in float64 from them); ReLU family
@@ -37,7 +40,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -45,8 +48,22 @@ from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
 
 #: outputs of at most this many elements may wait to be reduced with others (larger ones: at once)
 SMALL = 1 << 15
-#: at most this many elements of waiting outputs are stacked (copied) at a time
-PENDING_CHUNK = 1 << 16
+#: autograd nodes whose backward is computed from their output, which they keep until backward
+_RESULT_KEEPERS = frozenset({"ReluBackward0", "ReluBackward1", "SigmoidBackward0", "SigmoidBackward1", "TanhBackward0",
+                             "TanhBackward1"})
+
+
+def kept_by_autograd(out: torch.Tensor) -> bool:
+    """Whether autograd keeps ``out`` until backward whatever comes after it: its own node (ReLU, sigmoid, tanh)
+    computes its gradient from it. Holding a reference to such an output until backward costs no memory.
+
+    Example:
+        >>> x = torch.randn(3, requires_grad=True)
+        >>> kept_by_autograd(torch.relu(x)), kept_by_autograd(x * 2)
+        (True, False)
+    """
+    fn = out.grad_fn
+    return fn is not None and type(fn).__name__ in _RESULT_KEEPERS
 
 
 class _Block:
@@ -70,6 +87,7 @@ class ActivationAccumulator:
         self._pending: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
         self._pending_elems = 0
         self._dims: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # stacks in a scratch buffer
         self._consts: dict[tuple, torch.Tensor] = {}
         #: layers whose output changed in place before it was reduced: reduced at once from then on
         self.eager: set[int] = set()
@@ -111,9 +129,12 @@ class ActivationAccumulator:
             return
         self._reduce(key=(tuple(x.shape), x.dtype, x.device, kind, units), layers=[layer], xs=[x])
 
-    def reduce_pending(self, on_error: Optional[Callable[[int, Exception], None]] = None) -> None:
-        """Reduce every waiting output (see the module docstring); a failure is handed to ``on_error(layer,
-        error)`` for each layer of the failed stack (raised when ``on_error`` is None)."""
+    def reduce_pending(self, on_error: Optional[Callable[[int, Exception], None]] = None,
+                       scratch: Sequence[torch.Tensor] = ()) -> None:
+        """Reduce every waiting output (see the module docstring), stacked in the first of ``scratch`` (1-D
+        floating-point tensors whose contents are free now) on their device that holds two or more; a failure
+        is handed to ``on_error(layer, error)`` for each layer of the failed stack (raised when ``on_error`` is
+        None)."""
         pending, self._pending, self._pending_elems = self._pending, {}, 0
         for key, items in pending.items():
             fresh = []
@@ -123,11 +144,16 @@ class ActivationAccumulator:
                     self._layers.discard(layer)
                 else:
                     fresh.append((layer, x))
-            per = max(1, PENDING_CHUNK // max(1, fresh[0][1].numel())) if fresh else 1
+            if not fresh:
+                continue
+            numel = max(1, fresh[0][1].numel())
+            buf = next((b for b in scratch if b.device == key[2] and b.is_floating_point() and b.numel() >= 2 * numel),
+                       None)
+            per = 1 if buf is None else buf.numel() // numel
             for a in range(0, len(fresh), per):
                 part = fresh[a : a + per]
                 try:
-                    self._reduce(key, [k for k, _ in part], [x for _, x in part])
+                    self._reduce(key, [k for k, _ in part], [x for _, x in part], buf)
                 except Exception as err:  # noqa: BLE001 - the caller decides (the monitor warns and goes on)
                     for k, _ in part:
                         self._layers.discard(k)
@@ -136,30 +162,48 @@ class ActivationAccumulator:
                     for k, _ in part:
                         on_error(k, err)
 
-    def _reduce(self, key: tuple, layers: list[int], xs: list[torch.Tensor]) -> None:
+    def _reduce(self, key: tuple, layers: list[int], xs: list[torch.Tensor], buf: Optional[torch.Tensor] = None) -> None:
         shape, dtype, _, kind, units = key
         k = len(xs)
-        x = xs[0].unsqueeze(0) if k == 1 else torch.stack(xs)  # (k, *shape)
+        n = xs[0].numel()
+        scratch = buf is not None and k > 1
+        if scratch:  # one copy of all k into the free buffer (casting if need be); reduced there, in place
+            assert buf is not None
+            vkey = (buf.data_ptr(), buf.dtype, k, shape)
+            views = self._views.get(vkey)
+            if views is None:
+                if len(self._views) > 64:
+                    self._views.clear()
+                x = buf[: k * n].view(k, *shape)
+                views = self._views[vkey] = (x, list(x.unbind(0)))
+            x = views[0]
+            torch._foreach_copy_(views[1], xs)
+            dtype = buf.dtype
+        else:
+            x = xs[0].unsqueeze(0) if k == 1 else torch.stack(xs)  # (k, *shape); a view when alone
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         flat = x.reshape(k, -1)
-        total = flat.sum(1, dtype=acc)
-        norm = torch.linalg.vector_norm(flat, 2, dim=1, dtype=acc)
-        n = flat.shape[1]
-        alive = sat = None
+        raw = torch.zeros(4, k, dtype=acc, device=x.device)  # sum, L2 norm, units alive, values saturated
+        torch.sum(flat, 1, dtype=acc, out=raw[0])
+        torch.linalg.vector_norm(flat, 2, dim=1, dtype=acc, out=raw[1])
+        saturating = False
         n_units = 0
         if kind == "relu":
             dims = self._dims.get((x.dim(), units))
             if dims is None:
                 dims = self._dims[(x.dim(), units)] = tuple(d for d in range(1, x.dim()) if d != units + 1)
             # units that are > 0 somewhere in the batch (ReLU outputs are never negative)
-            alive = (x.amax(dim=dims) > 0).sum(1, dtype=acc)
+            torch.sum(x.amax(dim=dims) > 0, 1, dtype=acc, out=raw[2])
             n_units = shape[units]
         elif kind:
             lo, hi = SATURATING_BOUNDS[kind]
-            sat = ((flat <= lo + self.eps) | (flat >= hi - self.eps)).sum(1, dtype=acc)
-        zero = torch.zeros(k, dtype=acc, device=x.device)
-        raw = torch.stack([total, norm, zero if alive is None else alive, zero if sat is None else sat], dim=1)
-        self._blocks.append(_Block(raw, [(layer, n, n_units, int(sat is not None)) for layer in layers]))
+            if scratch:  # |x - centre| >= half width - eps, on the copy: one boolean temporary, not three
+                hit = flat.sub_((lo + hi) / 2).abs_() >= (hi - lo) / 2 - self.eps
+            else:
+                hit = (flat <= lo + self.eps) | (flat >= hi - self.eps)
+            torch.sum(hit, 1, dtype=acc, out=raw[3])
+            saturating = True
+        self._blocks.append(_Block(raw.t(), [(layer, n, n_units, int(saturating)) for layer in layers]))
 
     def _const(self, key: tuple, make: Any) -> torch.Tensor:
         """A small constant tensor made once per key: a Python list copied to the device every step would make
@@ -201,4 +245,4 @@ class ActivationAccumulator:
         return layers, torch.stack([mean, std, dead, sat], dim=1).float()
 
 
-__all__ = ["ActivationAccumulator", "SMALL", "PENDING_CHUNK"]
+__all__ = ["ActivationAccumulator", "SMALL", "kept_by_autograd"]

@@ -234,12 +234,10 @@ def test_activation_accumulator_equals_the_one_layer_reference(activation, shape
     assert len(acc) == 0 and acc.finish(torch.device("cpu"))[1].shape == (0, 4)
 
 
-def test_held_outputs_are_reduced_in_chunks_of_mixed_shapes_and_one_changed_in_place_is_dropped(monkeypatch):
-    from lightning_gradguard import act_stats
+def test_held_outputs_are_reduced_in_chunks_of_mixed_shapes_and_one_changed_in_place_is_dropped():
     from lightning_gradguard.act_stats import ActivationAccumulator
     from lightning_gradguard.stats import activation_statistics
 
-    monkeypatch.setattr(act_stats, "PENDING_CHUNK", 64)  # 2 outputs of 32 elements per stack
     g = torch.Generator().manual_seed(1)
     outs = {k: torch.relu(torch.randn(4, 8, generator=g)) for k in range(5)}
     outs.update({k: torch.tanh(torch.randn(2, 3, 5, generator=g)) for k in range(5, 8)})
@@ -248,8 +246,12 @@ def test_held_outputs_are_reduced_in_chunks_of_mixed_shapes_and_one_changed_in_p
     for k, out in outs.items():
         acc.add(k, out, "relu" if k < 5 or k == 8 else "tanh", -1, held=True)
     reference = {k: activation_statistics(out, "relu" if k < 5 or k == 8 else "tanh", -1, 0.01) for k, out in outs.items()}
+    before = {k: out.clone() for k, out in outs.items()}
     outs[3].mul_(2.0)  # changed in place after its hook: its values are no longer the layer's activation
-    acc.reduce_pending()
+    scratch = torch.full((70,), float("nan"))  # a free buffer of 2 outputs of 32 elements (30 for tanh)
+    acc.reduce_pending(scratch=[scratch])
+    assert not torch.isnan(scratch[:64]).any()  # the stacks were made there
+    assert all(torch.equal(outs[k], before[k]) for k in outs if k != 3)  # the outputs themselves untouched
     assert len(acc._blocks) == 2 + 2 + 1  # the 4 unchanged ReLU outputs in stacks of 2, 3 tanh ones in 2, the large one
     layers, rows = acc.finish(torch.device("cpu"))
     assert layers == [0, 1, 2, 4, 5, 6, 7, 8] and 3 not in acc and acc.eager == {3}
@@ -261,7 +263,8 @@ def test_held_outputs_are_reduced_in_chunks_of_mixed_shapes_and_one_changed_in_p
 
 
 class ScaledGELU(pl.LightningModule):
-    """``h = gelu(l1(x)); h.mul_(3)``: GELU keeps its input for backward, so its output may change in place."""
+    """``h = gelu(l1(x)); h.mul_(3)``: GELU keeps its input for backward, so its output may change in place (a
+    ReLU's may not: autograd keeps it for ReLU's backward)."""
 
     def __init__(self):
         super().__init__()
@@ -280,17 +283,20 @@ class ScaledGELU(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_an_activation_changed_in_place_after_its_hook_is_logged_from_the_next_step_with_its_own_values(tmp_path):
+def test_an_output_autograd_does_not_keep_is_reduced_in_its_hook_before_it_changes_in_place(tmp_path):
+    from lightning_gradguard.act_stats import kept_by_autograd
+
     model = ScaledGELU()
     x = next(iter(_data()))[0]
+    assert not kept_by_autograd(model.act(model.l1(x))) and kept_by_autograd(torch.relu(model.l1(x)))
     expected = F.gelu(model.l1(x)).mean().item()  # lr 0: the same weights at every step
     trainer = _trainer(tmp_path, [GradientMonitor(warn=False)], max_steps=3)
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x.repeat(3, 1), torch.zeros(24, dtype=torch.long)),
                                                     batch_size=8))
     events = load_events(trainer.logger.log_dir)
-    steps = [e.step for e in events.Scalars("act_mean/l1")]
-    assert steps == [1, 2]  # step 0: the waiting output changed before it was reduced, so no row
-    assert _scalar(events, "act_mean/l1", 2) == pytest.approx(expected, rel=1e-5)  # not 3x: GELU's own output
+    assert [e.step for e in events.Scalars("act_mean/l1")] == [0, 1, 2]
+    for e in events.Scalars("act_mean/l1"):  # GELU's own output, not the 3x it became after the hook
+        assert e.value == pytest.approx(expected, rel=1e-5)
 
 
 def test_hooks_stay_between_consecutive_logging_steps_and_are_gone_otherwise(tmp_path):

@@ -24,7 +24,7 @@ from lightning_gradguard.stats import (
     grad_statistics_from, histogram, layer_groups, shared_activations, to_host, unit_dim_for, update_ratios_from,
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
-from lightning_gradguard.act_stats import ActivationAccumulator
+from lightning_gradguard.act_stats import ActivationAccumulator, kept_by_autograd
 from lightning_gradguard.host_transfer import BackgroundWriter
 from lightning_gradguard.shared_norms import step_norms_for
 
@@ -381,12 +381,13 @@ class GradientMonitor(Callback):
                     y = out[0] if isinstance(out, (tuple, list)) else out
                     if not isinstance(y, torch.Tensor):
                         raise TypeError(f"output of type {type(y).__name__}")
+                    # an output autograd keeps until backward anyway (ReLU, sigmoid, tanh) waits to be reduced with
+                    # the others in on_before_backward; any other (or one the hook computes) is reduced at once
+                    held = fn is None and kept_by_autograd(y)
                     y = y.detach()
                     if fn is not None:
                         y = fn(y)
-                    # a module's own output waits (alive until backward anyway) to be reduced with the others in
-                    # on_before_backward; one the hook computed is reduced at once: never held past backward
-                    acc.add(gi, y, act, unit_dim, held=fn is None)
+                    acc.add(gi, y, act, unit_dim, held=held)
                     if want_hist:
                         self._act_hists[gi] = histogram(y, self.histogram_bins)
                 except Exception as err:  # noqa: BLE001 - diagnostics never break training
@@ -420,7 +421,10 @@ class GradientMonitor(Callback):
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._logging:
-            self._act_acc.reduce_pending(self._warn_layer_index)  # before backward frees the outputs
+            # before backward frees the outputs; stacked in the packed gradient buffer, free until the optimizer
+            # step (unless an update-ratio copy is in it: manual optimization, a second backward after a step)
+            scratch = [] if self._trackers_used else [b for plan in self._plans.values() for b in plan.scratch_buffers()]
+            self._act_acc.reduce_pending(self._warn_layer_index, scratch)
         if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu" \
                 and loss.numel() == 1:
             # the loss passed to backward (micro-batches OR together); on the CPU reading it waits for nothing
