@@ -77,7 +77,7 @@ def print_table(title: str, table: str) -> None:
 
 
 def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
-                loggers: Literal["all", "tensorboard", "others"] = "all") -> None:
+                loggers: Literal["all", "tensorboard", "others"] = "all", split: int = 0) -> None:
     """Scalars to every Lightning logger of the Trainer (TensorBoard, CSV, ...), rank 0 only, like
     ``LearningRateMonitor`` does; one call per logging step.
 
@@ -88,7 +88,7 @@ def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
 
     ``loggers``: ``tensorboard`` writes only to the TensorBoard loggers (safe from ``GradientMonitor``'s
     writer thread: the event file writer has its own locked queue), ``others`` only to the rest (called on
-    the training thread: other loggers are not made for concurrent calls).
+    the training thread: other loggers are not made for concurrent calls). ``split``: see :func:`scalar_summary`.
     """
     if not trainer.is_global_zero:
         return
@@ -98,7 +98,7 @@ def log_metrics(trainer: "pl.Trainer", metrics: dict[str, float], step: int,
             continue
         if is_tb:
             install_fast_crc()
-            lg.experiment._get_file_writer().add_summary(scalar_summary(metrics), step)
+            lg.experiment._get_file_writer().add_summary(scalar_summary(metrics, split), step)
         else:
             lg.log_metrics(metrics, step=step)
 
@@ -122,15 +122,30 @@ def _value_prefix(tag: str) -> bytes:
     return b"\x0a" + _varint(len(inner) + 4) + inner  # Summary: field 1 value (message)
 
 
-def scalar_summary(metrics: dict[str, float]) -> Any:
+def scalar_summary(metrics: dict[str, float], split: int = 0) -> Any:
     """One TensorBoard ``Summary`` holding every value of ``metrics`` as a ``simple_value``: the message
     ``Summary(value=[Summary.Value(tag=k, simple_value=v) ...])``, packed from its wire format (made once per set of
     tags) in one ``struct`` call and parsed in one call, instead of building hundreds of ``Summary.Value``
     objects. Values are stored as float32, as TensorBoard does (a finite value beyond float32's range as ±inf, as
-    protobuf does)."""
+    protobuf does).
+
+    ``split`` (> 0): the first ``split`` tags and the rest are packed by two formats, each made once per set of
+    tags, and joined (two messages' bytes one after the other are the message with both lists of values): a
+    large set of tags that repeats at every step followed by a small one that changes (``GradientMonitor``'s
+    rotating update ratios) makes a small format, not a large one, when the small set is new."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     tags = tuple(metrics)
+    values = [float(v) for v in metrics.values()]
+    cut = split if 0 < split < len(tags) else len(tags)
+    data = _pack(tags[:cut], values[:cut])
+    if cut < len(tags):
+        data += _pack(tags[cut:], values[cut:])
+    return Summary.FromString(data)
+
+
+def _pack(tags: tuple[str, ...], values: list[float]) -> bytes:
+    """The wire format of ``Summary`` values (see :func:`scalar_summary`), with the format made once per ``tags``."""
     cached = _SUMMARY_FORMATS.get(tags)
     if cached is None:
         if len(_SUMMARY_FORMATS) > 64:
@@ -141,16 +156,15 @@ def scalar_summary(metrics: dict[str, float]) -> Any:
         cached = _SUMMARY_FORMATS[tags] = (struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), template)
     layout, template = cached
     args = template.copy()
-    args[1::2] = [float(v) for v in metrics.values()]
+    args[1::2] = values
     try:
-        data = layout.pack(*args)
+        return layout.pack(*args)
     except OverflowError:  # a finite value beyond float32's range: ±inf
         import numpy as np
 
         with np.errstate(over="ignore"):
-            args[1::2] = np.asarray(args[1::2], dtype=np.float64).astype(np.float32).tolist()
-        data = layout.pack(*args)
-    return Summary.FromString(data)
+            args[1::2] = np.asarray(values, dtype=np.float64).astype(np.float32).tolist()
+        return layout.pack(*args)
 
 
 def install_fast_crc() -> None:

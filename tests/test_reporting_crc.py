@@ -38,6 +38,8 @@ def test_scalar_summary_is_the_message_tensorboard_builds():
     expected.value[-3].simple_value = 4.0
     assert scalar_summary(metrics).SerializeToString() == expected.SerializeToString()
     assert scalar_summary({}).SerializeToString() == b""
+    for split in (1, 20, 45, len(metrics)):  # two formats joined: the same message
+        assert scalar_summary(metrics, split).SerializeToString() == expected.SerializeToString()
 
 
 def test_event_files_written_with_the_fast_checksum_read_back(tmp_path):

@@ -686,8 +686,9 @@ class GradientMonitor(Callback):
     def _layout(self, ctx: "_StepContext") -> tuple[list[str], list[int]]:
         """The scalar tags of a logging step and, for each, its position in the host values laid out as
         ``grad (n × 6) | log10 norm (n) | weight norm (n) | update ratio (n) | activations (n_act × 4)``; made once
-        per set of layers, activation rows and measured update ratios (a few sets: the update ratios rotate)."""
-        key = (tuple(ctx.idx), tuple(ctx.act_idx), tuple(ctx.measured))
+        per set of layers and activation rows. The update ratios measured this step (a rotating subset) are not
+        in it: they go after it (see :meth:`_write`), so that the large part repeats from step to step."""
+        key = (tuple(ctx.idx), tuple(ctx.act_idx))
         cached = self._layout_cache.get(key)
         if cached is not None:
             return cached
@@ -701,9 +702,6 @@ class GradientMonitor(Callback):
             grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
             tags += grad_tags + [log_tag, w_tag]
             order += [j * k + c for c in range(k)] + [n * k + j, n * k + n + j]
-            if ctx.measured[j]:
-                tags.append(r_tag)
-                order.append(n * k + 2 * n + j)
             ja = act_at.get(i)
             if ja is not None:
                 tags += act_tags
@@ -743,7 +741,9 @@ class GradientMonitor(Callback):
         metrics = dict(zip(tags, values))
         metrics.update({"gradguard/grad_norm_total": total, "gradguard/flow_ratio": flow,
                         "gradguard/nonfinite_total": sum(r.grad_nonfinite for r in rows)})
-        log_metrics(trainer, metrics, ctx.step, loggers="tensorboard")
+        stable = len(metrics)  # the same tags at every logging step; then this step's measured update ratios
+        metrics.update({self._tags(i)[3]: ratio_h[j] for j, i in enumerate(ctx.idx) if ctx.measured[j]})
+        log_metrics(trainer, metrics, ctx.step, loggers="tensorboard", split=stable)
         for tag, hv in zip(ctx.hist_tags, hist_h):
             log_histogram(trainer, tag, hv, ctx.step)
         self._done.append((ctx, metrics, rows, total, norms, hard_h, loss_h, nf_h, nf_layers_h))
