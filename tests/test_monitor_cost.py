@@ -206,11 +206,12 @@ def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(t
     assert step_norms_for(trainer).hits >= 200  # clipping used the monitor's read of the gradients
 
 
+@pytest.mark.parametrize("held", [False, True])
 @pytest.mark.parametrize("activation, shape, unit_dim", [
     ("relu", (16, 8), -1), ("relu", (3, 4, 5, 5), 1), ("relu6", (2, 7, 3), -1), ("sigmoid", (4, 6, 5), -1),
     ("tanh", (10, 3), -1), ("linear", (1,), -1),
 ])
-def test_activation_accumulator_equals_the_one_layer_reference(activation, shape, unit_dim):
+def test_activation_accumulator_equals_the_one_layer_reference(activation, shape, unit_dim, held):
     from lightning_gradguard.act_stats import ActivationAccumulator
     from lightning_gradguard.activations import ACTIVATION_FUNCTIONS
     from lightning_gradguard.stats import activation_statistics
@@ -221,8 +222,9 @@ def test_activation_accumulator_equals_the_one_layer_reference(activation, shape
     if len(shape) >= 2:
         outs[0].select(unit_dim, 0).zero_()  # one unit dead for the whole batch
     acc = ActivationAccumulator(eps=0.01)
-    for k, out in enumerate(outs):
-        acc.add(k, out, activation, unit_dim)
+    for k, out in reversed(list(enumerate(outs))):  # rows come back in layer order whatever the order of arrival
+        acc.add(k, out, activation, unit_dim, held=held)
+    assert len(acc._pending) == int(held)  # held: the three wait, as one stack, for reduce_pending/finish
     layers, rows = acc.finish(torch.device("cpu"))
     assert layers == [0, 1, 2]
     for k, out in enumerate(outs):
@@ -230,3 +232,94 @@ def test_activation_accumulator_equals_the_one_layer_reference(activation, shape
         torch.testing.assert_close(rows[k], ref, rtol=1e-4, atol=1e-6)
     acc.clear()
     assert len(acc) == 0 and acc.finish(torch.device("cpu"))[1].shape == (0, 4)
+
+
+def test_held_outputs_are_reduced_in_chunks_of_mixed_shapes_and_one_changed_in_place_is_dropped():
+    from lightning_gradguard.act_stats import ActivationAccumulator
+    from lightning_gradguard.stats import activation_statistics
+
+    g = torch.Generator().manual_seed(1)
+    outs = {k: torch.relu(torch.randn(4, 8, generator=g)) for k in range(5)}
+    outs.update({k: torch.tanh(torch.randn(2, 3, 5, generator=g)) for k in range(5, 8)})
+    outs[8] = torch.relu(torch.randn(64, 16, generator=g))  # larger than the chunk: alone in its stack
+    acc = ActivationAccumulator(eps=0.01)
+    for k, out in outs.items():
+        acc.add(k, out, "relu" if k < 5 or k == 8 else "tanh", -1, held=True)
+    reference = {k: activation_statistics(out, "relu" if k < 5 or k == 8 else "tanh", -1, 0.01) for k, out in outs.items()}
+    before = {k: out.clone() for k, out in outs.items()}
+    outs[3].mul_(2.0)  # changed in place after its hook: its values are no longer the layer's activation
+    scratch = torch.full((70,), float("nan"))  # a free buffer of 2 outputs of 32 elements (30 for tanh)
+    acc.reduce_pending(scratch=[scratch])
+    assert not torch.isnan(scratch[:64]).any()  # the stacks were made there
+    assert all(torch.equal(outs[k], before[k]) for k in outs if k != 3)  # the outputs themselves untouched
+    assert len(acc._blocks) == 2 + 2 + 1  # the 4 unchanged ReLU outputs in stacks of 2, 3 tanh ones in 2, the large one
+    layers, rows = acc.finish(torch.device("cpu"))
+    assert layers == [0, 1, 2, 4, 5, 6, 7, 8] and 3 not in acc and acc.eager == {3}
+    for j, k in enumerate(layers):
+        torch.testing.assert_close(rows[j], reference[k], rtol=1e-4, atol=1e-6)
+    acc.clear()
+    acc.add(3, outs[3], "relu", -1, held=True)  # reduced at once from now on: nothing waits
+    assert not acc._pending and acc.finish(torch.device("cpu"))[0] == [3]
+
+
+class ScaledGELU(pl.LightningModule):
+    """``h = gelu(l1(x)); h.mul_(3)``: GELU keeps its input for backward, so its output may change in place (a
+    ReLU's may not: autograd keeps it for ReLU's backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.out = nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        h.mul_(3.0)
+        return self.out(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_an_output_autograd_does_not_keep_is_reduced_in_its_hook_before_it_changes_in_place(tmp_path):
+    from lightning_gradguard.act_stats import kept_by_autograd
+
+    model = ScaledGELU()
+    x = next(iter(_data()))[0]
+    assert not kept_by_autograd(model.act(model.l1(x))) and kept_by_autograd(torch.relu(model.l1(x)))
+    expected = F.gelu(model.l1(x)).mean().item()  # lr 0: the same weights at every step
+    trainer = _trainer(tmp_path, [GradientMonitor(warn=False)], max_steps=3)
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x.repeat(3, 1), torch.zeros(24, dtype=torch.long)),
+                                                    batch_size=8))
+    events = load_events(trainer.logger.log_dir)
+    assert [e.step for e in events.Scalars("act_mean/l1")] == [0, 1, 2]
+    for e in events.Scalars("act_mean/l1"):  # GELU's own output, not the 3x it became after the hook
+        assert e.value == pytest.approx(expected, rel=1e-5)
+
+
+def test_hooks_stay_between_consecutive_logging_steps_and_are_gone_otherwise(tmp_path):
+    class Validated(SharedReLU):
+        def validation_step(self, batch, batch_idx):
+            self(batch[0] * 100.0)  # through the hooks, between training steps: must record nothing
+
+    seen: dict[int, list[int]] = {}
+
+    class Count(pl.Callback):  # before the monitor: the hooks left by the previous step
+        def __init__(self, every):
+            self.every = every
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(self.every, []).append(len(pl_module.l2._forward_hooks))  # shared ReLU: hooked via l2
+
+    for every in (1, 2):
+        trainer = _trainer(tmp_path / str(every), [Count(every), GradientMonitor(log_every_n_steps=every, warn=False)],
+                           max_steps=5, limit_val_batches=2, val_check_interval=2, check_val_every_n_epoch=None)
+        model = Validated()
+        trainer.fit(model, train_dataloaders=_data(), val_dataloaders=_data())
+        events = load_events(trainer.logger.log_dir)
+        assert [e.step for e in events.Scalars("act_dead_frac/l2")] == list(range(0, 5, every))
+        assert all(e.value == 0.75 for e in events.Scalars("act_dead_frac/l2"))  # validation recorded nothing
+        assert not model.l2._forward_hooks and not model.l1._forward_pre_hooks  # all removed at the end
+    assert seen == {1: [0, 1, 1, 1, 1], 2: [0, 0, 0, 0, 0]}

@@ -24,7 +24,7 @@ from lightning_gradguard.stats import (
     grad_statistics_from, histogram, layer_groups, shared_activations, to_host, unit_dim_for, update_ratios_from,
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
-from lightning_gradguard.act_stats import ActivationAccumulator
+from lightning_gradguard.act_stats import ActivationAccumulator, kept_by_autograd
 from lightning_gradguard.host_transfer import BackgroundWriter
 from lightning_gradguard.shared_norms import step_norms_for
 
@@ -84,9 +84,10 @@ class GradientMonitor(Callback):
     (:class:`~lightning_gradguard.stats.UpdateTracker`), so each layer's ``update_ratio`` is logged every
     ``≈ 1/memory_fraction`` logging steps (every logging step with ``memory_fraction=1.0``, or for a model
     under 4096 parameters), exactly, never estimated; between its measurements the detectors use a layer's last
-    measured ratio. Activation outputs are reduced as they arrive
-    (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): a few numbers per layer are kept, never
-    an output.
+    measured ratio. Activation outputs are reduced many layers at a time
+    (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): small module outputs wait, by reference,
+    until ``on_before_backward`` (autograd keeps them until then anyway), larger ones are reduced at once; a
+    few numbers per layer are kept, no output past the start of backward.
 
     Cost: a step that logs nothing compares a counter and keeps a reference to the loss (plus the
     non-finite check, see ``nonfinite_check``). A logging step computes every statistic in a number of
@@ -241,6 +242,7 @@ class GradientMonitor(Callback):
         self._act_acc = ActivationAccumulator(saturation_eps)
         self._act_hists: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
+        self._hooks_hist: Optional[bool] = None  # the hooks attached are for a histogram step (None: none attached)
         self._failed_hooks: set[str] = set()
         # non-finite / huge-norm tracking on the device, one flag vector per optimizer's parameter set (several
         # optimizers and manual optimization keep their own), one "first step" for the whole run
@@ -330,10 +332,15 @@ class GradientMonitor(Callback):
         if self._logging or not self._is_log_step(step) or self._log_step == step:
             return
         self._log_step, self._logging = step, True
-        if self.activation_stats:
-            self._attach_hooks(pl_module, step)
-        if self.detect:
-            self._attach_input_hook()
+        want_hist = self._is_hist_step(step)
+        if self._hooks_hist is not None and self._hooks_hist != want_hist:
+            self._remove_hooks()
+        if self._hooks_hist is None:  # else: kept from the previous step, a logging step too
+            if self.activation_stats:
+                self._attach_hooks(pl_module, want_hist)
+            if self.detect:
+                self._attach_input_hook()
+            self._hooks_hist = want_hist
 
     def _attach_input_hook(self) -> None:
         """The std of the first compute layer's (floating-point) input on this logging step: unnormalized data."""
@@ -343,7 +350,7 @@ class GradientMonitor(Callback):
 
         def pre_hook(mod, args):
             x = args[0] if args else None
-            if self._input_std is None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1:
+            if self._logging and self._input_std is None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1:
                 self._input_std = x.detach().float().std()
                 self._input_layer = first
 
@@ -361,26 +368,26 @@ class GradientMonitor(Callback):
             ]
         return self._hook_targets
 
-    def _attach_hooks(self, pl_module: "pl.LightningModule", step: int) -> None:
-        want_hist = self._is_hist_step(step)
+    def _attach_hooks(self, pl_module: "pl.LightningModule", want_hist: bool) -> None:
+        acc = self._act_acc
         for gi, target, fn, unit_dim in self._targets(pl_module):
-            if gi in self._act_acc:
-                continue
             g = self.groups[gi]
             act = g.activation
 
             def hook(mod, inp, out, gi=gi, g=g, fn=fn, act=act, unit_dim=unit_dim, want_hist=want_hist):
-                if gi in self._act_acc:
+                if not self._logging or gi in acc:  # between logging steps (hooks kept), or a second call
                     return
                 try:
                     y = out[0] if isinstance(out, (tuple, list)) else out
                     if not isinstance(y, torch.Tensor):
                         raise TypeError(f"output of type {type(y).__name__}")
+                    # an output autograd keeps until backward anyway (ReLU, sigmoid, tanh) waits to be reduced with
+                    # the others in on_before_backward; any other (or one the hook computes) is reduced at once
+                    held = fn is None and kept_by_autograd(y)
                     y = y.detach()
                     if fn is not None:
                         y = fn(y)
-                    # reduced as it arrives: a few values per layer are kept, never the output itself
-                    self._act_acc.add(gi, y, act, unit_dim)
+                    acc.add(gi, y, act, unit_dim, held=held)
                     if want_hist:
                         self._act_hists[gi] = histogram(y, self.histogram_bins)
                 except Exception as err:  # noqa: BLE001 - diagnostics never break training
@@ -397,6 +404,10 @@ class GradientMonitor(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._hooks_hist = None
+
+    def _warn_layer_index(self, gi: int, err: Exception) -> None:
+        self._warn_layer(self.groups[gi].name, err)
 
     def _is_hist_step(self, step: int) -> bool:
         return self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
@@ -409,6 +420,11 @@ class GradientMonitor(Callback):
         return plan
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        if self._logging:
+            # before backward frees the outputs; stacked in the packed gradient buffer, free until the optimizer
+            # step (unless an update-ratio copy is in it: manual optimization, a second backward after a step)
+            scratch = [] if self._trackers_used else [b for plan in self._plans.values() for b in plan.scratch_buffers()]
+            self._act_acc.reduce_pending(self._warn_layer_index, scratch)
         if self.nonfinite_check == "auto" and isinstance(loss, torch.Tensor) and loss.device.type == "cpu" \
                 and loss.numel() == 1:
             # the loss passed to backward (micro-batches OR together); on the CPU reading it waits for nothing
@@ -501,6 +517,13 @@ class GradientMonitor(Callback):
         handful of small ops; nothing crosses to the host until the next logging step). Each optimizer's
         parameter set keeps its own flags, so several optimizers do not reset each other's record."""
         dev = sq.device
+        if hard and dev.type == "cpu" and sq.numel() and not self._sharded:
+            # on the CPU a host read waits for nothing: one read says whether there is anything to record (a
+            # NaN/Inf makes the maximum NaN/Inf); the device bookkeeping below runs only then. Not under FSDP2:
+            # there the records' layout must be the same on every rank (one collective combines them)
+            top_sq = float(sq.max())
+            if math.isfinite(top_sq) and math.sqrt(top_sq) <= self.exploding_hard_norm:
+                return
         if self._nf_seen is None or self._nf_seen.device != dev:
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
@@ -547,20 +570,25 @@ class GradientMonitor(Callback):
         if not self._grad:
             return  # not a logging step, or (accumulation) the optimizer step is still to come
         step = self._log_step if self._log_step is not None else trainer.global_step
+        nxt = trainer.global_step
         try:
             self._finish_step(trainer, step)
         finally:
-            self._end_step()
+            # the next step logs too (e.g. ``log_every_n_steps=1``): its hooks are these, kept (no removal and
+            # re-registration of a hook per layer every step); they do nothing until it starts
+            self._end_step(keep_hooks=self._is_log_step(nxt) and nxt != step)
 
-    def _end_step(self) -> None:
-        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown)."""
+    def _end_step(self, keep_hooks: bool = False) -> None:
+        """Drop this step's records and remove the forward hooks (after the step, a crash, or teardown), unless
+        ``keep_hooks``."""
         self._logging = False
         self._grad.clear()
         self._step_stats.clear()
         self._trackers_used.clear()
         self._act_acc.clear()
         self._act_hists.clear()
-        self._remove_hooks()
+        if not keep_hooks:
+            self._remove_hooks()
 
     def _flush_writer(self, trainer: "pl.Trainer") -> None:
         """Wait for the writer thread and take in what it finished: nothing submitted is lost."""
@@ -621,7 +649,7 @@ class GradientMonitor(Callback):
         grad = grad_statistics_from(sums[: 5 * n].view(n, 5), maxes[:n])
         wnorm = sums[5 * n : 6 * n].sqrt()
         ratio = update_ratios_from(sums[6 * n :].view(2, n))
-        act_idx, acts = self._act_acc.finish(dev, only=set(idx))
+        act_idx, acts = self._act_acc.finish(dev, only=set(idx), on_error=self._warn_layer_index)
         hard, loss, _, _, _ = self._pending(dev)
         nf = [maxes[n : n + 1], torch.where(maxes[n] > 0, -maxes[n + 1], -1.0).reshape(1)] if nf_max else []
         nf_layers = maxes[n + len(nf_max) :]
