@@ -260,3 +260,70 @@ def test_budget_fraction_counts_the_fit_steps_and_is_enforced(tmp_path):
     assert 0 < gg.cost_steps <= 30  # probe + every trial pass, within 0.5 × 60
     raced = [r for r in gg.diagnosis.race if len(r.scores) > 1]
     assert len(raced) >= 2 and raced[0].name == "no remedy"  # the reference is always raced
+
+
+class _Untraceable(nn.Module):
+    """fx cannot trace it (data-dependent branch): find_layers falls back to module order."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_a, self.b = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.lora_a(x)
+        return self.b(torch.relu(h) if h.sum() > 0 else h)
+
+
+class _Missed(nn.Module):
+    """Layers tracing does not see (MultiheadAttention's out_proj), one never called, a tied pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn = nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.unused, self.lora_head = nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.lora_head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.lora_head(self.attn(h, h, h)[0])
+
+
+@pytest.mark.parametrize("model", [_Untraceable(), _Missed(), nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))])
+def test_kept_layers_need_no_trace_the_weighted_submodules_are_what_find_layers_lists(model):
+    """GradGuard asks kept_layers about every weighted submodule instead of tracing the model (find_layers): the
+    same layers (those tracing misses are added after it), so the same answer."""
+    from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
+    from lightning_gradguard.init import kept_layers
+
+    traced = find_layers(model)
+    listed = [LayerInfo(n, m, "unknown") for n, m in model.named_modules() if n and is_weighted(m)]
+    assert sorted(i.name for i in traced) == sorted(i.name for i in listed)
+    if not isinstance(model, nn.Sequential):  # the paths besides fx: the module-order fallback, layers tracing missed
+        assert "modules" in {i.source for i in traced}
+    assert kept_layers(model, traced) == kept_layers(model, listed)
+
+
+class _AdaptersOnly(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lora_a, self.lora_b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.lora_b(torch.tanh(self.lora_a(x)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_init_is_not_tried_when_every_layer_keeps_its_weights(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gg = GradGuard(verbose=False, monitor=False, budget_steps=30)
+    model = _AdaptersOnly()
+    _trainer(tmp_path, [gg], max_steps=1, logger=False).fit(model, datamodule=SyntheticDataModule(num_samples=256, input_shape=[16]))
+    init = next(d for d in gg.decisions if d.remedy == "init")
+    assert init.status == "not applied" and "all 2 layers hold loaded, trained or adapter weights" in init.measurement
+    assert all("init" not in r.remedies for r in gg.diagnosis.race)
+    assert "init" not in gg.remedies

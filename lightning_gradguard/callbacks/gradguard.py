@@ -28,7 +28,7 @@ from lightning_gradguard.distributed import any_dtensor, broadcast_object, is_mu
 from lightning_gradguard.doctor import Decision, Diagnosis, DoctorOptions, decide, race_table
 from lightning_gradguard.probe import probe
 from lightning_gradguard.remedies import clip_options
-from lightning_gradguard.graph import find_layers, model_input
+from lightning_gradguard.graph import LayerInfo, is_weighted
 from lightning_gradguard.init import kept_layers
 from lightning_gradguard.reporting import log_markdown, print_table
 from lightning_gradguard.trials import BatchCache, ModelTrials
@@ -313,7 +313,7 @@ class GradGuard(Callback):
         heldout = list(itertools.islice(stream, self.probe_batches))  # scored on, never trained on
         # trials share one seed (so they differ only by their remedies): ours, else Lightning's, else 0
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        options, keeps_nothing = self._options(pl_module, heldout, frozen)
+        options, keeps_nothing = self._options(pl_module, frozen)
         probed = probe(pl_module, heldout, _loss_of)
         trials = ModelTrials(pl_module, BatchCache(stream), heldout, _loss_of, _make_optimizer, budget,
                              self.budget_seconds, seed, memo={id(trainer): trainer}, spent_units=len(heldout))
@@ -321,13 +321,16 @@ class GradGuard(Callback):
         self.diagnosis = decide(probed, trials, options)
         return self.diagnosis.decisions, self.diagnosis.remedies
 
-    def _options(self, pl_module: "pl.LightningModule", heldout: list, frozen: bool) -> tuple[DoctorOptions, bool]:
+    def _options(self, pl_module: "pl.LightningModule", frozen: bool) -> tuple[DoctorOptions, bool]:
         """The doctor's options, and whether init would keep no layer as loaded/trained/adapter."""
         blocked, kept = None, {}
         if frozen:
             blocked = "every weight is frozen (pretrained)"
         elif self.modes["init"] == "auto":
-            weighted = find_layers(pl_module, model_input(heldout[0]) if heldout else None)
+            # kept_layers reads only each layer's name and weights, and find_layers lists every weighted submodule
+            # (those tracing misses are added after it), so the weighted submodules give the same answer without
+            # tracing the model (an fx trace of a deep net costs more than a training step)
+            weighted = [LayerInfo(n, m, "unknown") for n, m in pl_module.named_modules() if n and is_weighted(m)]
             kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights init leaves alone
             if kept and len(kept) == len(weighted):
                 blocked = (f"all {len(kept)} layers hold loaded, trained or adapter weights "
