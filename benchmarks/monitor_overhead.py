@@ -65,6 +65,8 @@ LABELS = {
     "monitor_every_step": "GradientMonitor, every step, all statistics",
     "lightning_grad_norm_every_step": "Lightning's `grad_norm`, every step",
 }
+#: issue #13's targets for the every-step ratio, per model
+EVERY_STEP_TARGET = {"mlp-50x32": 1.5, "transformer": 1.2, "mlp-48x256": 1.3}
 MODELS = {  # name: (title, batch size)
     "mlp-50x32": ("MLP, 50 layers × 32, batch 32", 32),
     "transformer": ("small transformer (4 layers, d=64), batch 32", 32),
@@ -267,6 +269,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows, notes = [], []
+    verdicts: dict[str, list[str]] = {"default": [], "every": [], "kernels": [], "lightning": [], "memory": []}
     print(f"{args.steps} steps, {args.repeats} interleaved runs, median of 50-step windows, "
           f"torch threads={torch.get_num_threads()}")
     print(f"{'model':<12} {'variant':<32} {'ms/step':>8} {'ratio':>7}")
@@ -281,7 +284,13 @@ def main() -> None:
         for v in VARIANTS:
             print(f"{kind:<12} {v:<32} {1000 * best[v]:>8.3f} {best[v] / base:>7.3f}", flush=True)
             rows.append(f"| {MODELS[kind][0] if v == 'none' else ''} | {LABELS[v]} | {1000 * best[v]:.3f} | {best[v] / base:.3f} |")
+        ok = lambda good: "met" if good else "not met"  # noqa: E731
+        d, e, lt = best["monitor_default"] / base, best["monitor_every_step"] / base, best["lightning_grad_norm_default"] / base
+        verdicts["default"].append(f"{kind} {d:.3f}× ({ok(d <= 1.02)})")
+        verdicts["every"].append(f"{kind} {e:.3f}× ≤ {EVERY_STEP_TARGET[kind]}× ({ok(e <= EVERY_STEP_TARGET[kind])})")
+        verdicts["lightning"].append(f"{kind} {d:.3f}× vs {lt:.3f}× ({'cheaper' if d < lt else 'not cheaper'})")
         norm, stats, param_bytes = kernels(kind)
+        verdicts["kernels"].append(f"{kind} {stats / norm:.2f}× ({ok(stats / norm <= 3.0)})")
         extra, persistent, kept, layers = memory(kind)
         extra += kept
         note = (
@@ -295,6 +304,19 @@ def main() -> None:
         )
         print(note, flush=True)
         notes.append(f"- {note}")
+        verdicts["memory"].append(f"{kind} packed buffer {100 * persistent / param_bytes:.1f}% "
+                                  f"({ok(persistent <= 0.1 * param_bytes + 4096 * 4)}) + {extra / max(layers, 1):.0f} "
+                                  f"bytes per layer")
+    targets = [
+        "Issue #13's targets, from the numbers above:",
+        "- default cadence ≤ 1.02×: " + "; ".join(verdicts["default"]),
+        "- every step, all statistics: " + "; ".join(verdicts["every"]),
+        "- statistics kernels ≤ 3× one `_foreach_norm` pass: " + "; ".join(verdicts["kernels"]),
+        "- cheaper than Lightning's `grad_norm` at the same cadence: " + "; ".join(verdicts["lightning"]),
+        "- extra peak memory ≤ 10% of the parameters (packed buffer, at least 16 KiB) plus O(layers): "
+        + "; ".join(verdicts["memory"]),
+    ]
+    print("\n".join(targets), flush=True)
     if args.write_readme:
         cmd = (f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats} "
                f"--threads {args.threads}")
@@ -302,7 +324,7 @@ def main() -> None:
         write_block("monitor-overhead", f"`{cmd}` (CPU, torch threads={torch.get_num_threads()}; ms/step: median over "
                     f"50-step windows, each holding one logging step of the default cadence, of {args.repeats} "
                     f"interleaved runs):\n\n{head}\n"
-                    + "\n".join(rows) + "\n\n" + "\n".join(notes))
+                    + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n\n" + "\n".join(targets))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ def test_benchmark_script_prints_ratios(tmp_path):
     # per model: the physical reference, the statistics kernels against it, the extra memory of a logging step
     notes = [l for l in proc.stdout.splitlines() if "one `_foreach_norm` pass" in l]
     assert len(notes) == 2 and all("× that pass" in l and "extra peak memory" in l for l in notes), notes
+    # the targets, judged from the same numbers
+    every = next(l for l in proc.stdout.splitlines() if l.startswith("- every step, all statistics: "))
+    for model, target in (("mlp-50x32", 1.5), ("transformer", 1.2)):
+        ratio = table[(model, "monitor_every_step")][1]
+        verdict = "met" if ratio <= target else "not met"
+        assert f"{model} {ratio:.3f}× ≤ {target}× ({verdict})" in every, every
 
 
 def test_init_sweep_script_reports_the_sweep(tmp_path):
