@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # this checkout's package
 from benchmarks._readme import write_block  # noqa: E402
 from lightning_gradguard import GradientMonitor  # noqa: E402
-from lightning_gradguard.stats import GradStatsPlan, layer_groups  # noqa: E402
+from lightning_gradguard.stats import MIN_CHUNK, GradStatsPlan, layer_groups  # noqa: E402
 
 CADENCE = 50
 VARIANTS = ["none", "monitor_default", "lightning_grad_norm_default", "monitor_every_step", "lightning_grad_norm_every_step"]
@@ -305,7 +305,7 @@ def main() -> None:
         print(note, flush=True)
         notes.append(f"- {note}")
         verdicts["memory"].append(f"{kind} packed buffer {100 * persistent / param_bytes:.1f}% "
-                                  f"({ok(persistent <= 0.1 * param_bytes + 4096 * 4)}) + {extra / max(layers, 1):.0f} "
+                                  f"({ok(persistent <= max(0.1 * param_bytes, MIN_CHUNK * 4))}) + {extra / max(layers, 1):.0f} "
                                   f"bytes per layer")
     targets = [
         "Issue #13's targets, from the numbers above:",

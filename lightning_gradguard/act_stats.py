@@ -10,7 +10,7 @@ with bounded memory (no output is held past the start of backward, no float32 st
   the waiting outputs of one shape and activation family together: copied by one ``_foreach_copy_`` into a
   caller's scratch buffer (``GradientMonitor`` passes its packed gradient buffer, free until the optimizer
   step: no new memory), as many as fit, and reduced there in 4–5 kernels per stack instead of 4–5 per layer.
-  Without a scratch buffer that holds two of them, each is reduced alone, in place (no copy). Only outputs of
+  Without a scratch buffer that holds two of them, each is reduced alone, where it is (no copy). Only outputs of
   at most ``SMALL`` elements wait (a large output's kernels cost more than their launch: it is reduced at
   once). An output changed in place between the hook and the reduction (its version counter moved) is not
   reduced: that layer has no activation row this step, and its outputs are reduced at once from then on;
@@ -19,7 +19,8 @@ with bounded memory (no output is held past the start of backward, no float32 st
   hook and let go.
 
 Per output: the sum and the L2 norm (accumulated in float32, float64 for float64 outputs; the mean and the
-sample std follow as ``s/n`` and ``sqrt((q - n·mean²)/(n-1))``, computed in float64 from them); ReLU family
+sample std follow as ``s/n`` and ``sqrt((q - n·mean²)/(n-1))``, computed in float64 from them, float32 on MPS,
+which has no float64); ReLU family
 (``relu``, ``relu6``: outputs are never negative): the maximum per unit over every other dim, then how many
 units have a maximum other than 0 (a unit is dead when its maximum is 0); sigmoid/tanh: the count of values
 within ``eps`` of a bound.
@@ -85,7 +86,6 @@ class ActivationAccumulator:
         self._layers: set[int] = set()
         #: (shape, dtype, device, kind, unit dim) -> [(layer, output, its version when it came)]
         self._pending: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
-        self._pending_elems = 0
         self._dims: dict[tuple[int, int], tuple[int, ...]] = {}
         self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # stacks in a scratch buffer
         self._consts: dict[tuple, torch.Tensor] = {}
@@ -103,7 +103,6 @@ class ActivationAccumulator:
         self._blocks.clear()
         self._layers.clear()
         self._pending.clear()
-        self._pending_elems = 0
 
     @staticmethod
     def _kind(activation: Optional[str], x: torch.Tensor) -> str:
@@ -115,19 +114,19 @@ class ActivationAccumulator:
 
     def add(self, layer: int, out: torch.Tensor, activation: Optional[str], unit_dim: int, held: bool = False) -> None:
         """Record layer ``layer``'s activation output ``out`` (units along ``unit_dim``): kept to be reduced with
-        others when ``held`` (a module's own output, alive until backward anyway) and small, else reduced now."""
+        others when ``held`` (autograd keeps it until backward anyway: :func:`kept_by_autograd`) and small, else
+        reduced now."""
         x = out.detach()
         if not x.is_floating_point():
             x = x.float()
         kind = self._kind(activation, x)
         units = unit_dim % x.dim() if x.dim() else 0
         self._layers.add(layer)
+        key = (tuple(x.shape), x.dtype, x.device, kind, units)
         if held and x.numel() <= SMALL and layer not in self.eager:
-            key = (tuple(x.shape), x.dtype, x.device, kind, units)
             self._pending.setdefault(key, []).append((layer, x, x._version))
-            self._pending_elems += x.numel()
             return
-        self._reduce(key=(tuple(x.shape), x.dtype, x.device, kind, units), layers=[layer], xs=[x])
+        self._reduce(key, [layer], [x])
 
     def reduce_pending(self, on_error: Optional[Callable[[int, Exception], None]] = None,
                        scratch: Sequence[torch.Tensor] = ()) -> None:
@@ -135,7 +134,7 @@ class ActivationAccumulator:
         floating-point tensors whose contents are free now) on their device that holds two or more; a failure
         is handed to ``on_error(layer, error)`` for each layer of the failed stack (raised when ``on_error`` is
         None)."""
-        pending, self._pending, self._pending_elems = self._pending, {}, 0
+        pending, self._pending = self._pending, {}
         for key, items in pending.items():
             fresh = []
             for layer, x, version in items:
@@ -232,10 +231,11 @@ class ActivationAccumulator:
         if order != list(range(len(meta))):
             raw = raw.index_select(0, self._const(("order", key), lambda: torch.tensor(order, dtype=torch.long,
                                                                                           device=device)))
-        info = self._const(("info", key), lambda: torch.tensor(
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        info = self._const(("info", key, wide), lambda: torch.tensor(
             [[float(max(meta[j][1], 1)), float(max(meta[j][2], 1)), float(meta[j][2] > 0), float(meta[j][3])]
-             for j in order], dtype=torch.float64, device=device))
-        raw = raw.double()
+             for j in order], dtype=wide, device=device))
+        raw = raw.to(wide)
         count, units, is_relu, is_sat = info.unbind(1)
         mean = raw[:, 0] / count
         # sample std (Bessel's correction, as torch.std_mean's default); 0 for a single value

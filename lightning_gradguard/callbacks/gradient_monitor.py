@@ -699,7 +699,7 @@ class GradientMonitor(Callback):
         tags: list[str] = []
         order: list[int] = []
         for j, i in enumerate(ctx.idx):
-            grad_tags, log_tag, w_tag, r_tag, act_tags = self._tags(i)
+            grad_tags, log_tag, w_tag, _, act_tags = self._tags(i)
             tags += grad_tags + [log_tag, w_tag]
             order += [j * k + c for c in range(k)] + [n * k + j, n * k + n + j]
             ja = act_at.get(i)
