@@ -292,11 +292,12 @@ class _Missed(nn.Module):
 def test_kept_layers_need_no_trace_the_weighted_submodules_are_what_find_layers_lists(model):
     """GradGuard asks kept_layers about every weighted submodule instead of tracing the model (find_layers): the
     same layers (those tracing misses are added after it), so the same answer."""
-    from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted
+    from lightning_gradguard.callbacks.gradguard import weighted_submodules
+    from lightning_gradguard.graph import find_layers
     from lightning_gradguard.init import kept_layers
 
     traced = find_layers(model)
-    listed = [LayerInfo(n, m, "unknown") for n, m in model.named_modules() if n and is_weighted(m)]
+    listed = weighted_submodules(model)
     assert sorted(i.name for i in traced) == sorted(i.name for i in listed)
     if not isinstance(model, nn.Sequential):  # the paths besides fx: the module-order fallback, layers tracing missed
         assert "modules" in {i.source for i in traced}

@@ -87,6 +87,15 @@ def _loss_of(model: "pl.LightningModule", batch: Any, index: int) -> torch.Tenso
     return out
 
 
+def weighted_submodules(model: torch.nn.Module) -> list[LayerInfo]:
+    """Every weighted submodule of ``model`` as a ``LayerInfo`` (activation unknown), without tracing it.
+
+    ``kept_layers`` reads only each layer's name and weights, and ``find_layers`` lists every weighted submodule
+    (those tracing misses are added after it), so these give the same answer without an fx trace (which costs
+    more than a training step on a deep net)."""
+    return [LayerInfo(n, m, "unknown") for n, m in model.named_modules() if n and is_weighted(m)]
+
+
 class GradGuard(Callback):
     """Make a deep network trainable in one line: probe, decide, apply, explain.
 
@@ -327,10 +336,7 @@ class GradGuard(Callback):
         if frozen:
             blocked = "every weight is frozen (pretrained)"
         elif self.modes["init"] == "auto":
-            # kept_layers reads only each layer's name and weights, and find_layers lists every weighted submodule
-            # (those tracing misses are added after it), so the weighted submodules give the same answer without
-            # tracing the model (an fx trace of a deep net costs more than a training step)
-            weighted = [LayerInfo(n, m, "unknown") for n, m in pl_module.named_modules() if n and is_weighted(m)]
+            weighted = weighted_submodules(pl_module)
             kept = kept_layers(pl_module, weighted)  # loaded/trained/adapter weights init leaves alone
             if kept and len(kept) == len(weighted):
                 blocked = (f"all {len(kept)} layers hold loaded, trained or adapter weights "
