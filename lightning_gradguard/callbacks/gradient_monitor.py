@@ -85,9 +85,10 @@ class GradientMonitor(Callback):
     ``≈ 1/memory_fraction`` logging steps (every logging step with ``memory_fraction=1.0``, or for a model
     under 4096 parameters), exactly, never estimated; between its measurements the detectors use a layer's last
     measured ratio. Activation outputs are reduced many layers at a time
-    (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): small module outputs wait, by reference,
-    until ``on_before_backward`` (autograd keeps them until then anyway), larger ones are reduced at once; a
-    few numbers per layer are kept, no output past the start of backward.
+    (:class:`~lightning_gradguard.act_stats.ActivationAccumulator`): small outputs that autograd keeps until
+    backward anyway (ReLU, sigmoid, tanh) wait, by reference, until ``on_before_backward`` and are stacked in the
+    packed buffer; other outputs are reduced at once; a few numbers per layer are kept, no output past the start
+    of backward.
 
     Cost: a step that logs nothing compares a counter and keeps a reference to the loss (plus the
     non-finite check, see ``nonfinite_check``). A logging step computes every statistic in a number of
