@@ -3,6 +3,8 @@ callbacks in real Trainer runs, and checkpoint round trips (resume, load_from_ch
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -349,3 +351,68 @@ def test_batchnorm_preset_trains_the_deep_sigmoid_mlp(compose_cfg):
     after = run(compose_cfg([*common, "gradguard/batchnorm=before", "callbacks.batchnorm.verbose=false"]))["test_acc"]
     assert before < 0.25, before
     assert after >= 0.85, after
+
+
+# ------------------------------------------------------------------------- blocks traced once per kind
+class _Block(nn.Module):
+    """``act`` looked up by name in forward; the output reshaped by the layer's width (read in forward)."""
+
+    def __init__(self, fan_in, width, act="relu"):
+        super().__init__()
+        self.fc, self.act = nn.Linear(fan_in, width), act
+
+    def forward(self, x):
+        return getattr(F, self.act)(self.fc(x)).reshape(-1, self.fc.out_features)
+
+
+class _ConstBlock(nn.Module):
+    """A plain tensor attribute (no key): traced on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.shift = nn.Linear(6, 6), torch.full((6,), 0.5)
+
+    def forward(self, x):
+        return F.relu(self.fc(x) + self.shift)
+
+
+def _count_traces(monkeypatch):
+    calls = []
+    original = torch.fx.Tracer.trace
+
+    def counting(self, root, *args, **kwargs):
+        calls.append(type(root).__name__)
+        return original(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counting)
+    return calls
+
+
+def test_alike_blocks_are_traced_once_and_each_keeps_its_own_behaviour(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(_Block(6, 6), _Block(6, 6), _Block(6, 6), _Block(6, 4), _Block(4, 4, "tanh"), _Block(4, 4),
+                        nn.Sequential(nn.Linear(4, 6), _ConstBlock(), _ConstBlock()))
+    reference = copy.deepcopy(net)
+    x = torch.randn(5, 6)
+    calls = _count_traces(monkeypatch)
+    changes = replace_activations(net, {"relu": "elu", "tanh": "leaky_relu"})
+    # three 6→6 blocks share one trace; 6→4, the tanh block and the 4→4 block differ (width, act); the two
+    # blocks holding a tensor are traced one by one
+    assert calls.count("_Block") == 4 and calls.count("_ConstBlock") == 2
+    assert sum(c.note == "fx rewrite" for c in changes) == 8
+    for path in ("0", "1", "2", "3", "5", "6.1", "6.2"):
+        assert isinstance(net.get_submodule(path).get_submodule("gradguard_act_0"), nn.ELU), path
+    assert isinstance(net[4].gradguard_act_0, nn.LeakyReLU)
+    # the same function as replacing by hand: ELU for ReLU, LeakyReLU for tanh, each block its own weights
+    expected = x
+    for block in reference:
+        for sub in ([block] if not isinstance(block, nn.Sequential) else list(block)):
+            if isinstance(sub, _Block):
+                act = F.elu if sub.act == "relu" else F.leaky_relu
+                expected = act(sub.fc(expected)).reshape(-1, sub.fc.out_features)
+            elif isinstance(sub, _ConstBlock):
+                expected = F.elu(sub.fc(expected) + sub.shift)
+            else:
+                expected = sub(expected)
+    torch.testing.assert_close(net(x), expected)
+    assert not hasattr(reference[0], "gradguard_act_0")  # the originals are left as they were

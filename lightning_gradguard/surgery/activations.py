@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
@@ -85,8 +85,9 @@ def replace_activations(
     prelu(num_parameters, init), elu(alpha), selu, gelu, silu, sigmoid, tanh.
     """
     specs = normalize_mapping("replace_activations", mapping)
-    layers = find_layers(model, sample_input)
-    width_after = {i.activation_at: layer_width(i.module) for i in layers if i.activation_at}
+    width_after: dict[str, Optional[int]] = {}
+    if any(spec.get("num_parameters") == "per-channel" for spec in specs.values()):  # only PReLU needs the widths
+        width_after = {i.activation_at: layer_width(i.module) for i in find_layers(model, sample_input) if i.activation_at}
     changes: list[Change] = []
     for path, mod in list(model.named_modules()):
         name = activation_module_name(mod)

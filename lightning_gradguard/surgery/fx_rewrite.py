@@ -7,6 +7,7 @@ finds nothing; a later pass with another mapping rewrites what is left.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any, Optional
@@ -45,28 +46,67 @@ NO_ACTIVATION_TYPES: frozenset = frozenset({
 })
 
 
+#: the attributes every ``nn.Module`` has (hooks, parameter and module dicts): not part of :func:`_trace_key`
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    return type(value) in _PLAIN or type(value) is tuple and all(_plain(v) for v in value)
+
+
+def _trace_key(mod: nn.Module) -> Optional[tuple]:
+    """What the trace of ``mod``'s own ``forward`` can depend on, or ``None`` when that is not known: its class,
+    its plain attributes (str, int, float, bool, None, tuples of them; e.g. ``self.activation = "gelu"`` that
+    ``forward`` looks up), and for it and every submodule the class, plain attributes and parameter and buffer
+    shapes and dtypes (``forward`` may read ``self.layer.out_features`` or ``self.weight.shape``). Modules with
+    equal keys trace to the same graph (the blocks of a deep net), so the graph is traced once per key. A module
+    holding any other attribute (a tensor, a callable, a container) has no key and is traced on its own."""
+    own = []
+    for name, value in vars(mod).items():
+        if name in _MODULE_INTERNALS:
+            continue
+        if not _plain(value):
+            return None
+        own.append((name, value))
+    parts: list[Any] = [type(mod), tuple(own)]
+    for path, sub in mod.named_modules():
+        parts.append((path, type(sub), tuple((k, v) for k, v in vars(sub).items() if k not in _MODULE_INTERNALS and _plain(v)),
+                      tuple((k, tuple(t.shape), t.dtype) for k, t in sub._parameters.items() if t is not None),
+                      tuple((k, tuple(t.shape), t.dtype) for k, t in sub._buffers.items() if t is not None)))
+    return tuple(parts)
+
+
 def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
     """Rewrite each submodule whose own ``forward`` calls a functional activation named in ``specs``
-    (modules of :data:`NO_ACTIVATION_TYPES` are not traced)."""
+    (modules of :data:`NO_ACTIVATION_TYPES` are not traced). Blocks that trace alike (:func:`_trace_key`: the
+    blocks of a deep net) are traced once and the graph copied, since tracing costs most of the rewrite."""
     class _Leafy(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return True  # trace only the module's own forward
 
     changes: list[Change] = []
+    traced: dict[tuple, Any] = {}  # trace key -> the graph as traced (before any rewrite)
     for path, mod in list(model.named_modules()):
         if len(list(mod.children())) == 0 and not path or activation_module_name(mod) is not None:
             continue
         if path and type(mod) in NO_ACTIVATION_TYPES:
             continue  # an activation module's own forward (F.prelu in nn.PReLU) is swapped, not rewritten
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = _Leafy().trace(mod)
-        except Exception:  # noqa: BLE001
-            if _source_mentions(mod, specs):
-                changes.append(Change(path or "(root)", "functional activation", "-", 0,
-                                      "not replaceable: torch.fx cannot trace this module's forward"))
-            continue
+        key = _trace_key(mod) if path else None
+        if key is not None and key in traced and _resolves(mod, traced[key]):
+            graph = copy.deepcopy(traced[key])
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = _Leafy().trace(mod)
+            except Exception:  # noqa: BLE001
+                if _source_mentions(mod, specs):
+                    changes.append(Change(path or "(root)", "functional activation", "-", 0,
+                                          "not replaceable: torch.fx cannot trace this module's forward"))
+                continue
+            if key is not None:
+                traced[key] = copy.deepcopy(graph)
         found = _functional_nodes(graph, specs)
         if not found:
             continue
@@ -76,26 +116,44 @@ def replace_functional(model: nn.Module, specs: dict) -> list[Change]:
                                       "not replaceable: in the root module's forward; use an activation module"))
             continue
         base = type(mod).__name__
-        gm = torch.fx.GraphModule(mod, graph, class_name=base if base.endswith("Rewritten") else f"{base}Rewritten")
-        for node, name in found:
-            new = build_activation(specs[name], None if specs[name].get("num_parameters") != "per-channel" else _prev_width(node, mod))
-            attr = _free_name(gm)
-            gm.add_module(attr, new)
-            with gm.graph.inserting_after(node):
-                repl = gm.graph.call_module(attr, args=(node.args[0],))
-            node.replace_all_uses_with(repl)
-            gm.graph.erase_node(node)
-            changes.append(Change(f"{path}.{attr}", f"{name} (functional)", repr(new), n_params(new), "fx rewrite"))
-        gm.graph.lint()
-        gm.recompile()
+        added = []  # the graph is edited before the GraphModule is built from it (one code generation, not two):
+        try:        # the new activations sit on ``mod`` meanwhile, where the GraphModule copies them from
+            for node, name in found:
+                new = build_activation(specs[name], None if specs[name].get("num_parameters") != "per-channel" else _prev_width(node, mod))
+                attr = _free_name(mod)
+                mod.add_module(attr, new)
+                added.append(attr)
+                with graph.inserting_after(node):
+                    repl = graph.call_module(attr, args=(node.args[0],))
+                node.replace_all_uses_with(repl)
+                graph.erase_node(node)
+                changes.append(Change(f"{path}.{attr}", f"{name} (functional)", repr(new), n_params(new), "fx rewrite"))
+            graph.lint()
+            gm = torch.fx.GraphModule(mod, graph, class_name=base if base.endswith("Rewritten") else f"{base}Rewritten")
+        finally:
+            for attr in added:
+                delattr(mod, attr)
         set_submodule(model, path, gm)
     return changes
 
 
-def _free_name(gm: nn.Module) -> str:
+def _resolves(mod: nn.Module, graph: Any) -> bool:
+    """Every attribute and submodule ``graph`` reads exists on ``mod`` (a trace can store constants on the module
+    it traced, e.g. ``_tensor_constant0``: such a graph is not reused for another module)."""
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            obj: Any = mod
+            for atom in str(node.target).split("."):
+                if not hasattr(obj, atom):
+                    return False
+                obj = getattr(obj, atom)
+    return True
+
+
+def _free_name(mod: nn.Module) -> str:
     """``gradguard_act_<k>`` with the first k not taken (a rewritten module can be rewritten again)."""
     k = 0
-    while hasattr(gm, f"gradguard_act_{k}"):
+    while hasattr(mod, f"gradguard_act_{k}"):
         k += 1
     return f"gradguard_act_{k}"
 
