@@ -39,7 +39,10 @@ How it decides:
    budget that is left.
 
 The budget (passes, see :mod:`lightning_gradguard.trials`) is checked before every pass of every trial,
-the no-remedy and init trials included; a candidate the budget did not cover is reported as not raced.
+the no-remedy and init trials included; a candidate the budget did not cover is reported as not raced. When
+the runner counts its copies and surgery as passes, the candidates are started one by one while the rungs of
+those started, plus one more start as dear as the dearest so far, still fit; a start that turned out dearer
+than planned drops the last candidate started before any rung is run.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class Diagnosis:
     units: float  # passes spent (probe + trials)
     budget_units: float
     winner: str = "no remedy"
+    overhead_units: float = 0.0  # copies, surgery and bookkeeping, in passes (lightning_gradguard.trials)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -216,18 +220,23 @@ def candidates(probe_: Probe, options: DoctorOptions) -> list[dict[str, dict[str
     return [{r: dict(options_of[r]) for r in s} for s in sorted(sets, key=order)]
 
 
+def rungs_cost(k: int, trial_steps: int, eval_cost: float) -> float:
+    """The passes of the schedule's rungs for ``k`` candidates (after each was scored once before training): the
+    first rung is ``trial_steps`` long, each next one doubles the steps of the better half, down to two
+    finalists; each rung ends with a score."""
+    cost, alive, done, steps = 0.0, k, 0, trial_steps
+    while True:
+        cost += alive * (steps - done) + alive * eval_cost
+        if alive <= 2:
+            return cost
+        alive, done, steps = (alive + 1) // 2, steps, steps * 2
+
+
 def plan(n: int, trial_steps: int, eval_cost: float, units: float) -> int:
     """How many candidates the schedule can race within ``units`` passes (0 or 1: no race): each is scored once
-    before training, then after each rung; the first rung is ``trial_steps`` long, each next one doubles the
-    steps of the better half, down to two finalists."""
+    before training, then the rungs (:func:`rungs_cost`)."""
     for k in range(n, 1, -1):
-        cost, alive, done, steps = k * eval_cost, k, 0, trial_steps
-        while True:
-            cost += alive * (steps - done) + alive * eval_cost
-            if alive <= 2:
-                break
-            alive, done, steps = (alive + 1) // 2, steps, steps * 2
-        if cost <= units:
+        if k * eval_cost + rungs_cost(k, trial_steps, eval_cost) <= units:
             return k
     return 0
 
@@ -263,29 +272,52 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
     from lightning_gradguard.trials import BudgetSpent
 
     rows = [RaceRow(name_of(s), s) for s in sets]
-    n = plan(len(rows), options.trial_steps, trials.eval_cost(), trials.units_left())
-    alive, runs = rows[:n], {}
-    target, stop = options.trial_steps, None
+    note = getattr(trials, "note_overhead", lambda: 0.0)  # copies and surgery, counted when the runner counts them
+    note()
+    steps, eval_cost = options.trial_steps, trials.eval_cost()
+    n = plan(len(rows), steps, eval_cost, trials.units_left())
+    entrants, runs, stop = rows[:n], {}, None
     if hasattr(trials, "expect"):
-        trials.expect([row.remedies for row in alive])
+        trials.expect([row.remedies for row in entrants])
+
+    def later(k: int) -> float:  # the rungs after the first, for k candidates
+        return rungs_cost(k, steps, eval_cost) - k * (steps + eval_cost)
+
+    alive: list[RaceRow] = []
     try:
-        for row in alive:  # started one by one: the wall-clock cap is checked before each copy and surgery
+        starts: list[float] = []  # what starting each candidate cost (copy, surgery, first score), in passes
+        for row in entrants:  # one by one, each through its first rung; the wall-clock cap is checked first
+            left = trials.units_left()
+            if len(alive) >= 2 and max(starts) + steps + eval_cost + later(len(alive) + 1) > left:
+                break  # one more (its start as dear as the dearest so far) would not leave the later rungs
             trials.charge(0.0)
-            runs[row.name] = trials.start(row.remedies)
+            run = runs[row.name] = trials.start(row.remedies)
             row.steps.append(0)
-            row.scores.append(runs[row.name].evaluate())
-        while alive:
-            if len(alive) <= 2:  # the finalists share what is left
-                done = alive[0].steps[-1]
-                target = max(target, done + int(trials.units_left() / len(alive) - trials.eval_cost()))
+            row.scores.append(run.evaluate())
+            starts.append(left - trials.units_left())
+            alive.append(row)
+            run.train(steps)
+            row.steps.append(steps)
+            row.scores.append(run.evaluate())
+            note()
+            starts[-1] = left - trials.units_left() - steps - eval_cost
+        while len(alive) > 2 and later(len(alive)) > trials.units_left():
+            alive.pop()  # the starts cost more than planned: the last entered goes no further than its first rung
+
+        def rung(target: int) -> None:
             for row in alive:
                 run = runs[row.name]
                 run.train(target - run.steps)
                 row.steps.append(target)
                 row.scores.append(run.evaluate())
-            if len(alive) <= 2:
-                break
+
+        target = steps
+        while len(alive) > 2:  # the better half trains twice as long in total
             alive, target = survivors(alive, options), target * 2
+            if len(alive) > 2:
+                rung(target)
+        if len(alive) == 2:  # the finalists share what is left
+            rung(max(target, alive[0].steps[-1] + int(trials.units_left() / 2 - eval_cost)))
     except BudgetSpent as spent:
         stop = str(spent)
     finally:
@@ -428,7 +460,8 @@ def decide(probe_: Probe, trials: Any, options: DoctorOptions) -> Diagnosis:
         remedies = {k: v for k, v in remedies.items() if k == "init"}
     if clip:
         remedies["clipping"] = dict(clip_opts)
-    return Diagnosis(decisions, remedies, rows, trials.spent_units, trials.budget_units, chosen.name)
+    return Diagnosis(decisions, remedies, rows, trials.spent_units, trials.budget_units, chosen.name,
+                     getattr(trials, "note_overhead", lambda: 0.0)())
 
 
 def _decisions(rows: list[RaceRow], chosen: RaceRow, why: str, probe_: Probe, options: DoctorOptions) -> list[Decision]:

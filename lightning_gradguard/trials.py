@@ -4,12 +4,18 @@ Torch only. :class:`ModelTrials` is the trial runner :func:`lightning_gradguard.
 candidates with; any object with the same ``start`` / ``charge`` / ``units_left`` methods works (a test can
 pass a scripted one).
 
-The budget is counted in *passes*, not seconds, so a decision does not depend on how loaded the machine is:
-a training step of a trial (forward, backward, optimizer step) costs 1, a forward pass on one held-out batch
-costs 1/3 (no backward), a probe batch (forward and backward) costs 1. ``budget_seconds`` is a wall-clock
-upper bound on top (the only non-deterministic stop, for a model much slower than expected). Copying the
-model and applying the remedies are not counted in passes, but they are in the measured seconds that
-GradGuard prints.
+The budget is counted in *passes*: a training step of a trial (forward, backward, optimizer step) costs 1,
+a forward pass on one held-out batch costs 1/3 (no backward), a probe batch (forward and backward) costs 1.
+Everything else the doctor does (copying the model, the surgery of each candidate, finding its layers,
+initializing it) can be counted too (``count_overhead=True``, as GradGuard does by default), converted into
+passes at the measured rate of the trials' training steps: its seconds × training steps per second so far.
+So the budget bounds the doctor's whole cost, not only its passes, and a machine that is uniformly slower or more loaded gives about
+the same budget (both sides of the ratio slow down together); the decision can still differ slightly from run
+to run, as the ratio is measured. That overhead is sampled when the race starts and after each candidate's first
+rung (:meth:`ModelTrials.note_overhead`), not during a rung, so a rung planned to fit is not cut short by
+the bookkeeping between its steps. With ``count_overhead=False`` only passes count and the decision is
+deterministic (GradGuard does this when ``budget_steps`` sets the passes). ``budget_seconds`` is a wall-clock
+upper bound on top, for a model much slower than expected.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -103,17 +109,21 @@ class TrialRun:
                     if self.diverged:
                         return
                     self.trials.charge(1.0)
-                    batch = self.trials.train_batches[self.steps]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss = self.trials.loss_fn(self.model, batch, self.steps)
-                    self.steps += 1
-                    if not torch.isfinite(loss.detach()):
-                        self.diverged = True
-                        return
-                    loss.backward()
-                    if self.clip is not None:
-                        self.clip()
-                    self.optimizer.step()
+                    start = time.perf_counter()
+                    try:
+                        batch = self.trials.train_batches[self.steps]
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss = self.trials.loss_fn(self.model, batch, self.steps)
+                        self.steps += 1
+                        if not torch.isfinite(loss.detach()):
+                            self.diverged = True
+                            return
+                        loss.backward()
+                        if self.clip is not None:
+                            self.clip()
+                        self.optimizer.step()
+                    finally:
+                        self.trials.timed(1.0, time.perf_counter() - start, rate=True)
             finally:
                 self._rng = torch.get_rng_state()
 
@@ -126,11 +136,13 @@ class TrialRun:
         self.trials.charge(EVAL_COST * n)
         self.model.train()
         out = []
+        start = time.perf_counter()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.set_rng_state(self._rng)
             for i, batch in enumerate(self.trials.heldout):
                 value = float(self.trials.loss_fn(self.model, batch, i).detach())
                 out.append(value if math.isfinite(value) else math.inf)
+        self.trials.timed(EVAL_COST * n, time.perf_counter() - start, rate=False)
         if not all(math.isfinite(v) for v in out):
             self.diverged = True
         return out
@@ -150,21 +162,36 @@ class ModelTrials:
         loss_fn: ``loss_fn(model, batch, index) -> loss``.
         make_optimizer: ``make_optimizer(model) -> optimizer`` (the user's optimizer for a copy).
         budget_units: passes allowed, counted as described in the module docstring.
-        budget_seconds: wall-clock upper bound, from construction.
+        budget_seconds: wall-clock upper bound, from ``started``.
         seed: the seed every trial starts from.
         memo: a ``copy.deepcopy`` memo (objects shared, not copied: e.g. the Trainer a module points to).
         spent_units: passes already spent (the probe).
+        started: ``time.perf_counter()`` when the doctor's work began (default: now); the time since then that
+            no pass took is the overhead.
+        spent_seconds: the seconds the ``spent_units`` passes took (not overhead; the rate overhead is
+            converted at comes from the trials' own passes).
+        count_overhead: count copies, surgery and bookkeeping against the budget (module docstring); off by
+            default (only passes count, deterministic); GradGuard turns it on unless ``budget_steps`` is set.
     """
 
     def __init__(self, model: nn.Module, train_batches: Any, heldout: Sequence[Any], loss_fn: LossFn,
                  make_optimizer: OptFn, budget_units: float, budget_seconds: float = math.inf, seed: int = 0,
-                 memo: Optional[dict] = None, spent_units: float = 0.0) -> None:
+                 memo: Optional[dict] = None, spent_units: float = 0.0, started: Optional[float] = None,
+                 spent_seconds: float = 0.0, count_overhead: bool = False) -> None:
         self.model, self.heldout, self.loss_fn, self.make_optimizer = model, list(heldout), loss_fn, make_optimizer
         self.train_batches = train_batches if isinstance(train_batches, BatchCache) else BatchCache(iter(train_batches))
         self.budget_units, self.budget_seconds, self.seed = float(budget_units), float(budget_seconds), seed
         self.memo = memo or {}
         self.spent_units = float(spent_units)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else float(started)
+        self.count_overhead = bool(count_overhead)
+        #: seconds of the passes (the probe's and the trials'), which are not overhead
+        self.pass_seconds = max(0.0, float(spent_seconds))
+        #: steps and seconds of the trials' training steps, the rate overhead is converted at (the probe's passes,
+        #: slower for their hooks, are not: they would make the overhead look cheaper than it is)
+        self.timed_units, self.timed_seconds = 0.0, 0.0
+        #: the overhead in passes, as last sampled by :meth:`note_overhead`
+        self.overhead_units = 0.0
         self._structures: dict[str, nn.Module] = {}
         self._layers: dict[str, list[LayerInfo]] = {}
         self._uses: dict[str, int] = {}
@@ -172,15 +199,34 @@ class ModelTrials:
         self.init_keeps_nothing = False
 
     def units_left(self) -> float:
-        return self.budget_units - self.spent_units
+        return self.budget_units - self.spent_units - self.overhead_units
 
     def eval_cost(self) -> float:
         return EVAL_COST * len(self.heldout)
 
+    def timed(self, units: float, seconds: float, rate: bool) -> None:
+        """Record that trial passes worth ``units`` took ``seconds`` (not overhead); ``rate``: they are training
+        steps, whose seconds per step are the rate overhead is converted at (a pass is a training step; the 1/3
+        of a held-out forward pass is a convention, not a measurement)."""
+        self.pass_seconds += seconds
+        if rate:
+            self.timed_units += units
+            self.timed_seconds += seconds
+
+    def note_overhead(self) -> float:
+        """Sample the overhead: the seconds since ``started`` that no timed pass took, in passes at the timed
+        passes' rate (0 while no pass was timed, or with ``count_overhead=False``); returns it."""
+        if self.count_overhead and self.timed_units > 0 and self.timed_seconds > 0:
+            other = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
+            self.overhead_units = other * self.timed_units / self.timed_seconds
+        return self.overhead_units
+
     def charge(self, units: float) -> None:
-        """Count ``units`` passes; :class:`BudgetSpent` if they exceed the budget or the seconds are spent."""
-        if self.spent_units + units > self.budget_units + 1e-9:
-            raise BudgetSpent(f"{self.spent_units + units:.1f} passes > budget {self.budget_units:.1f}")
+        """Count ``units`` passes; :class:`BudgetSpent` if they and the overhead exceed the budget, or the seconds
+        are spent."""
+        if self.spent_units + self.overhead_units + units > self.budget_units + 1e-9:
+            over = f" + {self.overhead_units:.1f} of copies and surgery" if self.overhead_units else ""
+            raise BudgetSpent(f"{self.spent_units + units:.1f} passes{over} > budget {self.budget_units:.1f}")
         if time.perf_counter() - self.started > self.budget_seconds:
             raise BudgetSpent(f"budget_seconds={self.budget_seconds:g} spent")
         self.spent_units += units

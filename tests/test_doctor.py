@@ -164,3 +164,107 @@ def test_every_pass_is_charged():
     with pytest.raises(BudgetSpent):
         run.train(2)  # the 6th pass would exceed 5
     assert run.steps == 5
+
+
+# ---------------------------------------------------------------- overhead (copies, surgery) in the budget
+def test_copies_and_surgery_count_against_the_budget_when_asked():
+    """``count_overhead=True``: time outside the passes (here an optimizer factory that takes as long as ~15
+    training steps, as a slow surgery would) is charged at the passes' own measured rate. The race then starts
+    fewer candidates than when only passes count, every candidate it starts still runs its first rung, and
+    passes plus overhead stay within the budget."""
+    import time
+
+    model = _mlp(12, nn.Sigmoid)
+    batches = _data()
+    heldout, train = batches[:2], batches[2:]
+    p = probe(model, heldout, _loss)
+    timing = ModelTrials(model, iter(train), heldout, _loss, _sgd, budget_units=100)
+    run = timing.start({})
+    start = time.perf_counter()
+    run.train(20)
+    step = (time.perf_counter() - start) / 20
+
+    def slow_sgd(m):
+        time.sleep(15 * step)
+        return _sgd(m)
+
+    out = {}
+    for count in (False, True):
+        trials = ModelTrials(model, iter(train), heldout, _loss, slow_sgd, budget_units=120, spent_units=2,
+                             count_overhead=count)
+        out[count] = decide(p, trials, DoctorOptions())
+    raced = {k: [r for r in d.race if r.scores] for k, d in out.items()}
+    assert out[False].overhead_units == 0 and out[True].overhead_units >= 2 * 10  # at least two starts, ~15 each
+    assert 2 <= len(raced[True]) < len(raced[False])
+    assert all(len(r.scores) >= 2 for r in raced[True])  # none started only to be cut before its first rung
+    assert out[True].units + out[True].overhead_units <= 120 * 1.05  # the closing bookkeeping, at most
+
+
+class _ScriptedTrials:
+    """A trial runner whose starts cost fixed overhead (no clock): the race's start rule, deterministically."""
+
+    def __init__(self, budget, start_costs):
+        self.budget, self.spent, self.overhead, self.costs = budget, 0.0, 0.0, list(start_costs)
+        self.started = []
+
+    def eval_cost(self):
+        return 2 / 3
+
+    def units_left(self):
+        return self.budget - self.spent - self.overhead
+
+    def note_overhead(self):
+        return self.overhead
+
+    def charge(self, units):
+        if self.spent + self.overhead + units > self.budget + 1e-9:
+            raise BudgetSpent("spent")
+        self.spent += units
+
+    def start(self, remedies):
+        self.overhead += self.costs[len(self.started)]
+        self.started.append(remedies)
+        trials, quality = self, 1.0 + 0.1 * len(self.started)
+
+        class _Run:
+            steps = 0
+
+            def train(self, n):
+                for _ in range(n):
+                    trials.charge(1.0)
+                    self.steps += 1
+
+            def evaluate(self):
+                trials.charge(2 / 3)
+                return [quality + 2.0 / (1 + self.steps), quality + 2.1 / (1 + self.steps)]
+
+            def close(self):
+                pass
+
+        return _Run()
+
+    def close(self):
+        pass
+
+
+def test_dear_starts_admit_fewer_candidates_and_stop_the_last_entered_after_its_first_rung():
+    from lightning_gradguard.doctor import race
+
+    sets = [{}, {"init": {}}, {"init": {}, "batchnorm": {}}, {"batchnorm": {}}, {"activation": {}}]
+    # 66 passes, a first rung of 6 steps: the plan (cheap starts) covers four candidates. The second start costs
+    # 25: a third, as dear, would not leave the later rungs, so only two enter, and they share the rest
+    trials = _ScriptedTrials(budget=66, start_costs=[1, 25, 1, 1, 1])
+    rows, stop = race(trials, sets, DoctorOptions())
+    assert len(trials.started) == 2 and [bool(r.scores) for r in rows] == [True, True, False, False, False]
+    assert rows[0].steps == rows[1].steps and rows[0].steps[:2] == [0, 6] and rows[0].steps[-1] > 6 and stop is None
+    assert trials.spent + trials.overhead <= 66
+    # the fourth start costs 25 (the first three cost 1, so it was admitted): after its first rung too little is
+    # left for four (or three) candidates' later rungs, so the last entered stop at their first rung
+    trials = _ScriptedTrials(budget=66, start_costs=[1, 1, 1, 25, 1])
+    rows, stop = race(trials, sets, DoctorOptions())
+    assert len(trials.started) == 4 and [len(r.scores) for r in rows] == [3, 3, 2, 2, 0] and stop is None
+    assert trials.spent + trials.overhead <= 66
+    # with cheap starts and 100 passes all five race through their first rung and the three best on
+    cheap = _ScriptedTrials(budget=100, start_costs=[1] * 5)
+    rows, _ = race(cheap, sets, DoctorOptions())
+    assert all(len(r.scores) >= 2 for r in rows) and sum(len(r.scores) > 2 for r in rows) == 3

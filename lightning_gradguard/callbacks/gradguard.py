@@ -117,11 +117,12 @@ class GradGuard(Callback):
 
     Budget: probe and trials together spend at most ``budget_fraction`` × the fit's optimizer steps (from
     ``max_steps``, else ``max_epochs`` × batches per epoch), counted in passes (a trial's training step 1, a
-    held-out forward pass 1/3, a probe batch 1; :mod:`lightning_gradguard.trials`), so the decision does not
-    depend on machine load; ``budget_steps`` sets the passes directly; ``budget_seconds`` is a wall-clock
-    upper bound. Copying the model and the surgery of each candidate are not passes: their measured share of
-    the fit's time is in README (block ``doctor_zoo``, ``benchmarks/doctor_zoo.py``). Every pass of every
-    trial is checked against the budget; the measured seconds and passes are printed.
+    held-out forward pass 1/3, a probe batch 1; :mod:`lightning_gradguard.trials`). Copying the model, the
+    surgery of each candidate and the rest of the doctor's bookkeeping count too, converted into passes at the
+    measured seconds per pass, so the budget bounds the whole cost and a uniformly slower machine gets about
+    the same race. ``budget_steps`` sets the passes directly, and then only passes count (the decision is
+    deterministic); ``budget_seconds`` is a wall-clock upper bound. Every pass of every trial is checked
+    against the budget; the measured seconds, passes and overhead are printed.
     With ``Trainer(logger=False)`` no monitor is added and the decision table on the console is the report.
     They run where the module is at ``setup``
     (the CPU, before Lightning moves it), calling its ``training_step`` (``self.log`` is a no-op then) and
@@ -207,6 +208,7 @@ class GradGuard(Callback):
         self.subs: dict[str, Callback] = {}
         self.cost_seconds = 0.0
         self.cost_steps = 0.0  # passes spent by probe and trials (trials.py: a training step 1, a held-out forward 1/3)
+        self.cost_overhead = 0.0  # copies, surgery and bookkeeping, in passes at the measured rate (trials.py)
         self.budget_rule = ""
         self.diagnosis: Optional[Diagnosis] = None  # the race (rank 0 only under several processes)
         self._fit_started: Optional[float] = None  # for the cost share printed at the end of fit
@@ -289,7 +291,7 @@ class GradGuard(Callback):
             decisions, remedies = self._decide_without_probe("manual optimization" if manual else "no training data to probe", frozen)
         else:
             with logging_muted(pl_module):  # training_step's self.log is a no-op while probing
-                decisions, remedies = self._probe_and_decide(trainer, pl_module, loader, frozen)
+                decisions, remedies = self._probe_and_decide(trainer, pl_module, loader, frozen, start)
         self._finish_decisions(trainer, decisions, remedies, start)
 
     def _decide_without_probe(self, why: str, frozen: bool) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
@@ -316,16 +318,21 @@ class GradGuard(Callback):
         return self.budget_fraction * steps, f"{self.budget_fraction:g} × {steps} fit steps"
 
     def _probe_and_decide(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loader: Any,
-                          frozen: bool) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
+                          frozen: bool, start: float) -> tuple[list[Decision], dict[str, dict[str, Any]]]:
         budget, self.budget_rule = self.budget_units(trainer, loader)
         stream = iter(loader)
         heldout = list(itertools.islice(stream, self.probe_batches))  # scored on, never trained on
         # trials share one seed (so they differ only by their remedies): ours, else Lightning's, else 0
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         options, keeps_nothing = self._options(pl_module, frozen)
+        probe_start = time.perf_counter()
         probed = probe(pl_module, heldout, _loss_of)
+        probe_seconds = time.perf_counter() - probe_start
+        # the probe's passes are timed; everything else since ``start`` is overhead, charged at their rate, unless
+        # budget_steps fixed the passes (then only passes count, and the decision is deterministic)
         trials = ModelTrials(pl_module, BatchCache(stream), heldout, _loss_of, _make_optimizer, budget,
-                             self.budget_seconds, seed, memo={id(trainer): trainer}, spent_units=len(heldout))
+                             self.budget_seconds, seed, memo={id(trainer): trainer}, spent_units=len(heldout),
+                             started=start, spent_seconds=probe_seconds, count_overhead=self.budget_steps is None)
         trials.init_keeps_nothing = keeps_nothing
         self.diagnosis = decide(probed, trials, options)
         return self.diagnosis.decisions, self.diagnosis.remedies
@@ -362,10 +369,12 @@ class GradGuard(Callback):
         self.decisions, self.remedies = decisions, remedies
         self.cost_seconds = time.perf_counter() - start
         self.cost_steps = self.diagnosis.units if self.diagnosis is not None else 0.0
+        self.cost_overhead = self.diagnosis.overhead_units if self.diagnosis is not None else 0.0
 
     def cost_line(self) -> str:
         """Probe and trials' measured cost and the budget rule."""
-        return (f"probe and trials: {self.cost_seconds:.2f}s, {self.cost_steps:.0f} passes"
+        over = f" + {self.cost_overhead:.0f} for copies and surgery" if self.cost_overhead >= 0.5 else ""
+        return (f"probe and trials: {self.cost_seconds:.2f}s, {self.cost_steps:.0f} passes{over}"
                 + (f" (budget {self.budget_rule})" if self.budget_rule else ""))
 
     def _build_subs(self, trainer: "pl.Trainer") -> None:
@@ -452,8 +461,9 @@ class GradGuard(Callback):
         if self._fit_started is not None:
             total = time.perf_counter() - self._fit_started
             share = self.cost_seconds / total if total > 0 else 0.0
+            over = f" + {self.cost_overhead:.0f} for copies and surgery" if self.cost_overhead >= 0.5 else ""
             rank_zero_info(f"GradGuard: probe and trials took {self.cost_seconds:.2f}s of {total:.2f}s fit time "
-                           f"({share:.0%}), {self.cost_steps:.0f} passes")
+                           f"({share:.0%}), {self.cost_steps:.0f} passes{over}")
 
     def state_dict(self) -> dict[str, Any]:
         return {
