@@ -316,8 +316,9 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
             alive, target = survivors(alive, options), target * 2
             if len(alive) > 2:
                 rung(target)
-        if len(alive) == 2:  # the finalists share what is left
-            rung(max(target, alive[0].steps[-1] + int(trials.units_left() / 2 - eval_cost)))
+        share = int(trials.units_left() / 2 - eval_cost)
+        if len(alive) == 2 and share >= 1:  # the finalists share what is left (the plan leaves at least ``target``)
+            rung(alive[0].steps[-1] + share)
     except BudgetSpent as spent:
         stop = str(spent)
     finally:

@@ -8,7 +8,8 @@ The budget is counted in *passes*: a training step of a trial (forward, backward
 a forward pass on one held-out batch costs 1/3 (no backward), a probe batch (forward and backward) costs 1.
 Everything else the doctor does (copying the model, the surgery of each candidate, finding its layers,
 initializing it) can be counted too (``count_overhead=True``, as GradGuard does by default), converted into
-passes at the measured rate of the trials' training steps: its seconds × training steps per second so far.
+passes at the measured rate of the trials' training steps: its seconds / the median seconds of a training step so
+far.
 So the budget bounds the doctor's whole cost, not only its passes, and a machine that is uniformly slower or more loaded gives about
 the same budget (both sides of the ratio slow down together); the decision can still differ slightly from run
 to run, as the ratio is measured. That overhead is sampled when the race starts and after each candidate's first
@@ -37,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -187,9 +189,10 @@ class ModelTrials:
         self.count_overhead = bool(count_overhead)
         #: seconds of the passes (the probe's and the trials'), which are not overhead
         self.pass_seconds = max(0.0, float(spent_seconds))
-        #: steps and seconds of the trials' training steps, the rate overhead is converted at (the probe's passes,
-        #: slower for their hooks, are not: they would make the overhead look cheaper than it is)
-        self.timed_units, self.timed_seconds = 0.0, 0.0
+        #: the seconds of each of the trials' training steps: their median is the rate overhead is converted at (the
+        #: median, so the first steps of a fresh copy, which allocate, do not set it; the probe's passes, slower
+        #: for their hooks, are not used: they would make the overhead look cheaper than it is)
+        self.step_seconds: list[float] = []
         #: the overhead in passes, as last sampled by :meth:`note_overhead`
         self.overhead_units = 0.0
         self._structures: dict[str, nn.Module] = {}
@@ -210,15 +213,16 @@ class ModelTrials:
         of a held-out forward pass is a convention, not a measurement)."""
         self.pass_seconds += seconds
         if rate:
-            self.timed_units += units
-            self.timed_seconds += seconds
+            self.step_seconds.append(seconds / units)
 
     def note_overhead(self) -> float:
         """Sample the overhead: the seconds since ``started`` that no timed pass took, in passes at the timed
         passes' rate (0 while no pass was timed, or with ``count_overhead=False``); returns it."""
-        if self.count_overhead and self.timed_units > 0 and self.timed_seconds > 0:
-            other = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
-            self.overhead_units = other * self.timed_units / self.timed_seconds
+        if self.count_overhead and self.step_seconds:
+            step = statistics.median(self.step_seconds)
+            if step > 0:
+                other = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
+                self.overhead_units = other / step
         return self.overhead_units
 
     def charge(self, units: float) -> None:
