@@ -40,9 +40,11 @@ How it decides:
 
 The budget (passes, see :mod:`lightning_gradguard.trials`) is checked before every pass of every trial,
 the no-remedy and init trials included; a candidate the budget did not cover is reported as not raced. When
-the runner counts its copies and surgery as passes, the candidates are started one by one while the rungs of
-those started, plus one more start as dear as the dearest so far, still fit; a start that turned out dearer
-than planned drops the last candidate started before any rung is run.
+the runner counts its copies and surgery as passes, the candidates enter one by one, each through its first
+rung: the first two always (the least a decision needs; their copies and surgery count, but only once both
+ran their first rung), a later one while its start (as dear as the dearest so far), its first rung and the
+later rungs of all who entered still fit; when a start turned out dearer than that, the last entrants stop at
+their first rung.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
 
     rows = [RaceRow(name_of(s), s) for s in sets]
     note = getattr(trials, "note_overhead", lambda: 0.0)  # copies and surgery, counted when the runner counts them
-    note()
+    before = note()
     steps, eval_cost = options.trial_steps, trials.eval_cost()
     n = plan(len(rows), steps, eval_cost, trials.units_left())
     entrants, runs, stop = rows[:n], {}, None
@@ -285,22 +287,31 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
 
     alive: list[RaceRow] = []
     try:
-        starts: list[float] = []  # what starting each candidate cost (copy, surgery, first score), in passes
-        for row in entrants:  # one by one, each through its first rung; the wall-clock cap is checked first
+        # one by one, each through its first rung. The first two (no remedy and the first recipe) are the least a
+        # decision needs: their copies and surgery are counted only after both ran their first rung, so they
+        # cannot stop it (passes and the wall-clock cap still can). A later one enters only while its start, as
+        # dear as the dearest so far (for the first two: both starts together), its first rung and the later
+        # rungs of all who entered fit in what is left.
+        starts: list[float] = []  # what starting a candidate cost (copy, surgery, first score), in passes
+        for row in entrants:
             left = trials.units_left()
             if len(alive) >= 2 and max(starts) + steps + eval_cost + later(len(alive) + 1) > left:
-                break  # one more (its start as dear as the dearest so far) would not leave the later rungs
-            trials.charge(0.0)
+                break
+            trials.charge(0.0)  # the wall-clock cap, before the copy and surgery
             run = runs[row.name] = trials.start(row.remedies)
             row.steps.append(0)
             row.scores.append(run.evaluate())
-            starts.append(left - trials.units_left())
+            if len(alive) >= 2:
+                note()
+                starts.append(left - trials.units_left())
             alive.append(row)
             run.train(steps)
             row.steps.append(steps)
             row.scores.append(run.evaluate())
-            note()
-            starts[-1] = left - trials.units_left() - steps - eval_cost
+            if len(alive) == 2:
+                starts.append(note() - before + eval_cost)
+            elif len(alive) > 2:
+                note()
         while len(alive) > 2 and later(len(alive)) > trials.units_left():
             alive.pop()  # the starts cost more than planned: the last entered goes no further than its first rung
 

@@ -12,8 +12,8 @@ passes at the measured rate of the trials' training steps: its seconds / the med
 far.
 So the budget bounds the doctor's whole cost, not only its passes, and a machine that is uniformly slower or more loaded gives about
 the same budget (both sides of the ratio slow down together); the decision can still differ slightly from run
-to run, as the ratio is measured. That overhead is sampled when the race starts and after each candidate's first
-rung (:meth:`ModelTrials.note_overhead`), not during a rung, so a rung planned to fit is not cut short by
+to run, as the ratio is measured. That overhead is sampled when the race starts and after each candidate's start
+and first rung (:meth:`ModelTrials.note_overhead`), not during a rung, so a rung planned to fit is not cut short by
 the bookkeeping between its steps. With ``count_overhead=False`` only passes count and the decision is
 deterministic (GradGuard does this when ``budget_steps`` sets the passes). ``budget_seconds`` is a wall-clock
 upper bound on top, for a model much slower than expected.
