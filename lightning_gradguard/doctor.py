@@ -42,9 +42,10 @@ The budget (passes, see :mod:`lightning_gradguard.trials`) is checked before eve
 the no-remedy and init trials included; a candidate the budget did not cover is reported as not raced. When
 the runner counts its copies and surgery as passes, the candidates enter one by one, each through its first
 rung: the first two always (the least a decision needs; their copies and surgery count, but only once both
-ran their first rung), a later one while its start (as dear as the dearest so far), its first rung and the
-later rungs of all who entered still fit; when a start turned out dearer than that, the last entrants stop at
-their first rung.
+ran their first rung), a later one while its start (as dear as the dearest so far; for the first two, both
+starts together), its first rung and the later rungs of all who entered still fit; when a start turned out
+dearer than that, the last entrants stop at their first rung. The overhead is sampled between rungs, never
+during one, so what the bookkeeping after the last sample costs can take the total a little past the budget.
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
 
     rows = [RaceRow(name_of(s), s) for s in sets]
     note = getattr(trials, "note_overhead", lambda: 0.0)  # copies and surgery, counted when the runner counts them
-    before = note()
+    before = note()  # what came before the race (e.g. fetching the held-out batches) is not a start's cost
+    before_seconds = getattr(trials, "overhead_seconds", None)
     steps, eval_cost = options.trial_steps, trials.eval_cost()
     n = plan(len(rows), steps, eval_cost, trials.units_left())
     entrants, runs, stop = rows[:n], {}, None
@@ -295,7 +297,7 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
         starts: list[float] = []  # what starting a candidate cost (copy, surgery, first score), in passes
         for row in entrants:
             left = trials.units_left()
-            if len(alive) >= 2 and max(starts) + steps + eval_cost + later(len(alive) + 1) > left:
+            if len(alive) >= 2 and max(starts) + steps + eval_cost + later(len(alive) + 1) > left + 1e-9:
                 break
             trials.charge(0.0)  # the wall-clock cap, before the copy and surgery
             run = runs[row.name] = trials.start(row.remedies)
@@ -308,14 +310,18 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
             run.train(steps)
             row.steps.append(steps)
             row.scores.append(run.evaluate())
-            if len(alive) == 2:
-                starts.append(note() - before + eval_cost)
+            if len(alive) == 2:  # both starts together, as the estimate of one more (the dearer one is unknown)
+                after = note()
+                pair = (trials.units_of(trials.overhead_seconds - before_seconds) if before_seconds is not None
+                        else after - before)
+                starts.append(pair + eval_cost)
             elif len(alive) > 2:
                 note()
         while len(alive) > 2 and later(len(alive)) > trials.units_left():
             alive.pop()  # the starts cost more than planned: the last entered goes no further than its first rung
 
         def rung(target: int) -> None:
+            note()  # the bookkeeping since the last sample, before the rung (not during it)
             for row in alive:
                 run = runs[row.name]
                 run.train(target - run.steps)
@@ -327,6 +333,7 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
             alive, target = survivors(alive, options), target * 2
             if len(alive) > 2:
                 rung(target)
+        note()
         share = int(trials.units_left() / 2 - eval_cost)
         if len(alive) == 2 and share >= 1:  # the finalists share what is left (the plan leaves at least ``target``)
             rung(alive[0].steps[-1] + share)
@@ -444,13 +451,20 @@ def decide(probe_: Probe, trials: Any, options: DoctorOptions) -> Diagnosis:
 
     rows, stop = race(trials, with_clip(sets, every_set) if clip else sets, options)
     scored = [r for r in rows if len(r.scores) > 1]
+    no_rerace = False
     if scored and not clip and clip_mode == "auto" and all(not math.isfinite(r.scores[1][0]) for r in scored):
         reasons.append(f"every candidate diverged in {options.trial_steps} steps without clipping")
         clip = True
+        first = rows
         rows, stop = race(trials, with_clip(sets, True), options)
         scored = [r for r in rows if len(r.scores) > 1]
+        if len(scored) < 2:  # the budget left covers no race with clipping: the diverged race is the record
+            rows, no_rerace = first, True
     if len(scored) >= 2:
         chosen, ref, why = pick(rows, options)
+    elif no_rerace:
+        chosen, ref = rows[0], rows[0]
+        why = "every candidate diverged without clipping, and the budget left covers no race with clipping"
     else:
         chosen, ref = rows[0], rows[0]
         why = f"not raced: the budget ({trials.budget_units:.0f} passes) covers fewer than 2 candidates"

@@ -193,8 +193,9 @@ class ModelTrials:
         #: median, so the first steps of a fresh copy, which allocate, do not set it; the probe's passes, slower
         #: for their hooks, are not used: they would make the overhead look cheaper than it is)
         self.step_seconds: list[float] = []
-        #: the overhead in passes, as last sampled by :meth:`note_overhead`
+        #: the overhead in passes and in seconds, as last sampled by :meth:`note_overhead`
         self.overhead_units = 0.0
+        self.overhead_seconds = 0.0
         self._structures: dict[str, nn.Module] = {}
         self._layers: dict[str, list[LayerInfo]] = {}
         self._uses: dict[str, int] = {}
@@ -218,18 +219,23 @@ class ModelTrials:
     def note_overhead(self) -> float:
         """Sample the overhead: the seconds since ``started`` that no timed pass took, in passes at the timed
         passes' rate (0 while no pass was timed, or with ``count_overhead=False``); returns it."""
-        if self.count_overhead and self.step_seconds:
-            step = statistics.median(self.step_seconds)
-            if step > 0:
-                other = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
-                self.overhead_units = other / step
+        self.overhead_seconds = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
+        self.overhead_units = self.units_of(self.overhead_seconds)
         return self.overhead_units
+
+    def units_of(self, seconds: float) -> float:
+        """``seconds`` of overhead in passes: over the median seconds of a trial's training step (0 while no step
+        was timed, or with ``count_overhead=False``)."""
+        if not self.count_overhead or not self.step_seconds:
+            return 0.0
+        step = statistics.median(self.step_seconds)
+        return seconds / step if step > 0 else 0.0
 
     def charge(self, units: float) -> None:
         """Count ``units`` passes; :class:`BudgetSpent` if they and the overhead exceed the budget, or the seconds
         are spent."""
         if self.spent_units + self.overhead_units + units > self.budget_units + 1e-9:
-            over = f" + {self.overhead_units:.1f} of copies and surgery" if self.overhead_units else ""
+            over = f" + {self.overhead_units:.1f} of copies, surgery and setup" if self.overhead_units else ""
             raise BudgetSpent(f"{self.spent_units + units:.1f} passes{over} > budget {self.budget_units:.1f}")
         if time.perf_counter() - self.started > self.budget_seconds:
             raise BudgetSpent(f"budget_seconds={self.budget_seconds:g} spent")

@@ -416,3 +416,50 @@ def test_alike_blocks_are_traced_once_and_each_keeps_its_own_behaviour(monkeypat
                 expected = sub(expected)
     torch.testing.assert_close(net(x), expected)
     assert not hasattr(reference[0], "gradguard_act_0")  # the originals are left as they were
+
+
+class _Cfg(nn.Module):
+    """A child module holding a list that the parent's forward reads."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+
+class _Permuting(nn.Module):
+    def __init__(self, dims, scale):
+        super().__init__()
+        self.lin, self.cfg, self.scale = nn.Linear(4, 4), _Cfg(dims), scale
+
+    def forward(self, x):
+        return (F.relu(self.lin(x)).permute(*self.cfg.dims) * self.scale).long() * self.scale
+
+
+class _Callable(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.lin, self.fn = nn.Linear(4, 4), fn
+
+    def forward(self, x):
+        return self.fn(F.relu(self.lin(x)))
+
+
+def test_blocks_that_differ_in_a_child_attribute_or_a_value_type_are_not_traced_alike():
+    torch.manual_seed(0)
+    net = nn.Sequential(_Permuting([0, 1, 2], 1), _Permuting([0, 2, 1], 1), _Permuting([0, 1, 2], 1.0),
+                        _Permuting([0, 1, 2], True))
+    reference = copy.deepcopy(net)
+    changes = replace_activations(net, {"relu": "elu"})
+    assert sum(c.note == "fx rewrite" for c in changes) == 4
+    x = torch.randn(2, 3, 4)
+    for block, ref in zip(net, reference):
+        expected = (F.elu(ref.lin(x)).permute(*ref.cfg.dims) * ref.scale).long() * ref.scale
+        out = block(x)
+        assert out.dtype == expected.dtype and torch.equal(out, expected)
+    # a callable attribute: no key, each block traced on its own with its own function
+    net = nn.Sequential(_Callable(torch.tanh), _Callable(torch.sigmoid))
+    reference = copy.deepcopy(net)
+    replace_activations(net, {"relu": "elu"})
+    x = torch.randn(3, 4)
+    for block, ref in zip(net, reference):
+        torch.testing.assert_close(block(x), ref.fn(F.elu(ref.lin(x))))

@@ -373,7 +373,7 @@ class GradGuard(Callback):
 
     def cost_line(self) -> str:
         """Probe and trials' measured cost and the budget rule."""
-        over = f" + {self.cost_overhead:.0f} for copies and surgery" if self.cost_overhead >= 0.5 else ""
+        over = f" + {self.cost_overhead:.0f} for copies, surgery and setup" if self.cost_overhead >= 0.5 else ""
         return (f"probe and trials: {self.cost_seconds:.2f}s, {self.cost_steps:.0f} passes{over}"
                 + (f" (budget {self.budget_rule})" if self.budget_rule else ""))
 
@@ -461,7 +461,7 @@ class GradGuard(Callback):
         if self._fit_started is not None:
             total = time.perf_counter() - self._fit_started
             share = self.cost_seconds / total if total > 0 else 0.0
-            over = f" + {self.cost_overhead:.0f} for copies and surgery" if self.cost_overhead >= 0.5 else ""
+            over = f" + {self.cost_overhead:.0f} for copies, surgery and setup" if self.cost_overhead >= 0.5 else ""
             rank_zero_info(f"GradGuard: probe and trials took {self.cost_seconds:.2f}s of {total:.2f}s fit time "
                            f"({share:.0%}), {self.cost_steps:.0f} passes{over}")
 

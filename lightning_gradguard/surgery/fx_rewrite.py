@@ -48,32 +48,44 @@ NO_ACTIVATION_TYPES: frozenset = frozenset({
 
 #: the attributes every ``nn.Module`` has (hooks, parameter and module dicts): not part of :func:`_trace_key`
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
-_PLAIN = (str, int, float, bool, type(None))
+_SCALARS = (str, int, float, bool, type(None))
+_NOT_PLAIN = object()
 
 
-def _plain(value: Any) -> bool:
-    return type(value) in _PLAIN or type(value) is tuple and all(_plain(v) for v in value)
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a plain value, with its type (so ``1``, ``1.0`` and ``True`` differ): scalars
+    (str, int, float, bool, None) and tuples, lists and ``torch.Size`` of plain values; ``_NOT_PLAIN`` for
+    anything else."""
+    if type(value) in _SCALARS:
+        return (type(value).__name__, value)
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list, torch.Size):
+        items = tuple(_frozen(v) for v in value)
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else (type(value).__name__, items)
+    return _NOT_PLAIN
 
 
 def _trace_key(mod: nn.Module) -> Optional[tuple]:
-    """What the trace of ``mod``'s own ``forward`` can depend on, or ``None`` when that is not known: its class,
-    its plain attributes (str, int, float, bool, None, tuples of them; e.g. ``self.activation = "gelu"`` that
-    ``forward`` looks up), and for it and every submodule the class, plain attributes and parameter and buffer
-    shapes and dtypes (``forward`` may read ``self.layer.out_features`` or ``self.weight.shape``). Modules with
-    equal keys trace to the same graph (the blocks of a deep net), so the graph is traced once per key. A module
-    holding any other attribute (a tensor, a callable, a container) has no key and is traced on its own."""
-    own = []
-    for name, value in vars(mod).items():
-        if name in _MODULE_INTERNALS:
-            continue
-        if not _plain(value):
-            return None
-        own.append((name, value))
-    parts: list[Any] = [type(mod), tuple(own)]
+    """What the trace of ``mod``'s own ``forward`` can depend on, or ``None`` when that is not known: for it and
+    every submodule, the class, every attribute that is not an ``nn.Module`` internal (it must be plain: str,
+    int, float, bool, None, or tuples/lists of them, e.g. ``self.activation = "gelu"`` that ``forward`` looks up,
+    or a child's ``out_features`` it reads), and the shapes and dtypes of parameters and buffers (``forward``
+    may read ``self.weight.shape``). Any other attribute, on the module or a submodule (a tensor, a callable, a
+    container of those), gives no key, and the module is traced on its own. Equal keys mean the traces can only
+    differ through something outside the modules (globals), which is the same for every block traced in one
+    call; so blocks with equal keys (those of a deep net) are traced once."""
+    parts: list[Any] = []
     for path, sub in mod.named_modules():
-        parts.append((path, type(sub), tuple((k, v) for k, v in vars(sub).items() if k not in _MODULE_INTERNALS and _plain(v)),
-                      tuple((k, tuple(t.shape), t.dtype) for k, t in sub._parameters.items() if t is not None),
-                      tuple((k, tuple(t.shape), t.dtype) for k, t in sub._buffers.items() if t is not None)))
+        attrs = []
+        for name, value in vars(sub).items():
+            if name in _MODULE_INTERNALS:
+                continue
+            frozen = _frozen(value)
+            if frozen is _NOT_PLAIN:
+                return None
+            attrs.append((name, frozen))
+        parts.append((path, type(sub), tuple(attrs),
+                      tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in sub._parameters.items()),
+                      tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in sub._buffers.items())))
     return tuple(parts)
 
 
