@@ -211,6 +211,14 @@ class _ScriptedTrials:
         self.budget, self.spent, self.overhead, self.costs = budget, 0.0, 0.0, list(start_costs)
         self.started = []
 
+    @property
+    def spent_units(self):
+        return self.spent
+
+    @property
+    def budget_units(self):
+        return self.budget
+
     def eval_cost(self):
         return 2 / 3
 
@@ -272,3 +280,27 @@ def test_dear_starts_admit_fewer_candidates_and_stop_the_last_entered_after_its_
     cheap = _ScriptedTrials(budget=100, start_costs=[1] * 5)
     rows, _ = race(cheap, sets, DoctorOptions())
     assert all(len(r.scores) >= 2 for r in rows) and sum(len(r.scores) > 2 for r in rows) == 3
+
+
+def test_a_clipping_re_race_the_budget_cannot_cover_keeps_the_diverged_race_and_says_so():
+    class _Diverging(_ScriptedTrials):
+        def start(self, remedies):
+            run = super().start(remedies)
+            score = run.evaluate
+
+            def evaluate():
+                out = score()
+                return [math.inf, math.inf] if run.steps else out
+
+            run.evaluate = evaluate
+            return run
+
+    p = probe(_mlp(4, nn.Sigmoid), _data()[:2], _loss)
+    trials = _Diverging(budget=2 * (2 / 3) + 2 * (6 + 2 / 3) + 0.3, start_costs=[0.0] * 16)  # one two-way race
+    diagnosis = decide(p, trials, DoctorOptions())
+    raced = [r for r in diagnosis.race if r.scores]
+    assert len(raced) == 2 and all(not math.isfinite(r.scores[1][0]) for r in raced)  # the diverged race, kept
+    assert "clipping" not in raced[1].remedies  # the first race's rows, not the re-race's
+    texts = " ".join(d.measurement for d in diagnosis.decisions)
+    assert "budget left covers no race with clipping" in texts and "not raced" not in texts
+    assert "clipping" in diagnosis.remedies  # every candidate diverged: clipping by rule
