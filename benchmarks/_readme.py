@@ -1,6 +1,6 @@
 """Write measured tables into README.md between markers, so a README number always comes from the script that
 measures it (``--write-readme`` in ``examples/zoo.py``, ``examples/demo_numbers.py``,
-``benchmarks/monitor_overhead.py``).
+``benchmarks/monitor_overhead.py``, ``benchmarks/architectures.py`` and the other benchmarks).
 
 A block in README.md looks like::
 

@@ -3,7 +3,9 @@
 Prints the markdown table of README "Compatibility" (run from the repository root, timm and transformers
 installed as in .ci/run):
 
-    python benchmarks/architectures.py
+    python benchmarks/architectures.py [--write-readme]
+
+``--write-readme`` puts the table into README.md (block ``compat``).
 
 Per model: weighted layers found / Linear+Conv+Embedding+Conv1D modules; the activations found (family:
 count); WeightInitialization (layers initialized, embeddings kept, tied parameters left to their owner);
@@ -14,6 +16,7 @@ rows; GradGuard's decisions after a 3-step fit (trial_steps=8, probe_batches=2, 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import os
@@ -29,6 +32,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from benchmarks._readme import write_block  # noqa: E402
 from lightning_gradguard import GradGuard, find_layers, initialize, insert_batchnorm, layer_groups, replace_activations  # noqa: E402
 from tests import zoo  # noqa: E402
 from tests.test_compat import _is_layer  # noqa: E402
@@ -68,14 +72,20 @@ def row(kind: str, name: str) -> str:
             f" {swapped} swapped | {len(groups)} rows{f', {ties} tied' if ties else ''} | {decisions} |")
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-readme", action="store_true", help="write the table into README.md (block 'compat')")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("| model | layers found | activations found | WeightInitialization | BatchNormInsertion | ActivationReplacement | GradientMonitor | GradGuard (3-step fit) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in zoo.TIMM_MODELS:
-        print(row("timm", name), flush=True)
-    for name in zoo.HF_MODELS:
-        print(row("hf", name), flush=True)
+    lines = ["| model | layers found | activations found | WeightInitialization | BatchNormInsertion | ActivationReplacement | GradientMonitor | GradGuard (3-step fit) |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for kind, names in (("timm", zoo.TIMM_MODELS), ("hf", zoo.HF_MODELS)):
+        for name in names:
+            lines.append(row(kind, name))
+            print(lines[-1], flush=True)
+    if args.write_readme:
+        write_block("compat", "\n".join(lines))
 
 
 if __name__ == "__main__":
