@@ -321,7 +321,6 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
             alive.pop()  # the starts cost more than planned: the last entered goes no further than its first rung
 
         def rung(target: int) -> None:
-            note()  # the bookkeeping since the last sample, before the rung (not during it)
             for row in alive:
                 run = runs[row.name]
                 run.train(target - run.steps)
@@ -332,6 +331,7 @@ def race(trials: Any, sets: list[dict[str, dict[str, Any]]], options: DoctorOpti
         while len(alive) > 2:  # the better half trains twice as long in total
             alive, target = survivors(alive, options), target * 2
             if len(alive) > 2:
+                note()  # the bookkeeping since the last sample, before the rung (never during one)
                 rung(target)
         note()
         share = int(trials.units_left() / 2 - eval_cost)
@@ -461,13 +461,11 @@ def decide(probe_: Probe, trials: Any, options: DoctorOptions) -> Diagnosis:
         if len(scored) < 2:  # the budget left covers no race with clipping: the diverged race is the record
             rows, no_rerace = first, True
     if len(scored) >= 2:
-        chosen, ref, why = pick(rows, options)
-    elif no_rerace:
-        chosen, ref = rows[0], rows[0]
-        why = "every candidate diverged without clipping, and the budget left covers no race with clipping"
+        chosen, _, why = pick(rows, options)
     else:
-        chosen, ref = rows[0], rows[0]
-        why = f"not raced: the budget ({trials.budget_units:.0f} passes) covers fewer than 2 candidates"
+        chosen = rows[0]
+        why = ("every candidate diverged without clipping, and the budget left covers no race with clipping"
+               if no_rerace else f"not raced: the budget ({trials.budget_units:.0f} passes) covers fewer than 2 candidates")
     if stop and len(scored) >= 2:
         why += f" (race stopped early: {stop})"
     decisions = _decisions(rows, chosen, why, probe_, options)

@@ -8,14 +8,13 @@ The budget is counted in *passes*: a training step of a trial (forward, backward
 a forward pass on one held-out batch costs 1/3 (no backward), a probe batch (forward and backward) costs 1.
 Everything else the doctor does (copying the model, the surgery of each candidate, finding its layers,
 initializing it) can be counted too (``count_overhead=True``, as GradGuard does by default), converted into
-passes at the measured rate of the trials' training steps: its seconds / the median seconds of a training step so
-far.
-So the budget bounds the doctor's whole cost, not only its passes, and a machine that is uniformly slower or more loaded gives about
-the same budget (both sides of the ratio slow down together); the decision can still differ slightly from run
-to run, as the ratio is measured. That overhead is sampled when the race starts and after each candidate's start
-and first rung (:meth:`ModelTrials.note_overhead`), not during a rung, so a rung planned to fit is not cut short by
-the bookkeeping between its steps. With ``count_overhead=False`` only passes count and the decision is
-deterministic (GradGuard does this when ``budget_steps`` sets the passes). ``budget_seconds`` is a wall-clock
+passes at the measured rate of the trials' training steps: its seconds over the median seconds of a training
+step so far. So the budget bounds the doctor's whole cost, not only its passes, and a machine that is
+uniformly slower or more loaded gives about the same budget (both sides of the ratio slow down together); the
+decision can still differ slightly from run to run, as the ratio is measured. That overhead is sampled
+(:meth:`ModelTrials.note_overhead`) between rungs, never during one, so a rung planned to fit is not cut
+short by the bookkeeping between its steps. With ``count_overhead=False`` only passes count and the decision
+is deterministic (GradGuard does this when ``budget_steps`` sets the passes). ``budget_seconds`` is a wall-clock
 upper bound on top, for a model much slower than expected.
 
 Example:
@@ -217,8 +216,8 @@ class ModelTrials:
             self.step_seconds.append(seconds / units)
 
     def note_overhead(self) -> float:
-        """Sample the overhead: the seconds since ``started`` that no timed pass took, in passes at the timed
-        passes' rate (0 while no pass was timed, or with ``count_overhead=False``); returns it."""
+        """Sample the overhead: the seconds since ``started`` that no timed pass took, and those seconds in passes
+        (:meth:`units_of`); returns the passes."""
         self.overhead_seconds = max(0.0, time.perf_counter() - self.started - self.pass_seconds)
         self.overhead_units = self.units_of(self.overhead_seconds)
         return self.overhead_units

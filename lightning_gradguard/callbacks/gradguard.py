@@ -119,7 +119,7 @@ class GradGuard(Callback):
     ``max_steps``, else ``max_epochs`` × batches per epoch), counted in passes (a trial's training step 1, a
     held-out forward pass 1/3, a probe batch 1; :mod:`lightning_gradguard.trials`). Copying the model, the
     surgery of each candidate and the rest of the doctor's bookkeeping count too, converted into passes at the
-    measured seconds per pass, so the budget bounds the whole cost and a uniformly slower machine gets about
+    median measured seconds of a trial's training step, so the budget bounds the whole cost and a uniformly slower machine gets about
     the same race. ``budget_steps`` sets the passes directly, and then only passes count (the decision is
     deterministic); ``budget_seconds`` is a wall-clock upper bound. Every pass of every trial is checked
     against the budget; the measured seconds, passes and overhead are printed.
@@ -371,10 +371,14 @@ class GradGuard(Callback):
         self.cost_steps = self.diagnosis.units if self.diagnosis is not None else 0.0
         self.cost_overhead = self.diagnosis.overhead_units if self.diagnosis is not None else 0.0
 
+    def _passes_text(self) -> str:
+        """``N passes`` and, when counted, ``+ M for copies, surgery and setup``."""
+        over = f" + {self.cost_overhead:.0f} for copies, surgery and setup" if self.cost_overhead >= 0.5 else ""
+        return f"{self.cost_steps:.0f} passes{over}"
+
     def cost_line(self) -> str:
         """Probe and trials' measured cost and the budget rule."""
-        over = f" + {self.cost_overhead:.0f} for copies, surgery and setup" if self.cost_overhead >= 0.5 else ""
-        return (f"probe and trials: {self.cost_seconds:.2f}s, {self.cost_steps:.0f} passes{over}"
+        return (f"probe and trials: {self.cost_seconds:.2f}s, {self._passes_text()}"
                 + (f" (budget {self.budget_rule})" if self.budget_rule else ""))
 
     def _build_subs(self, trainer: "pl.Trainer") -> None:
@@ -461,9 +465,8 @@ class GradGuard(Callback):
         if self._fit_started is not None:
             total = time.perf_counter() - self._fit_started
             share = self.cost_seconds / total if total > 0 else 0.0
-            over = f" + {self.cost_overhead:.0f} for copies, surgery and setup" if self.cost_overhead >= 0.5 else ""
             rank_zero_info(f"GradGuard: probe and trials took {self.cost_seconds:.2f}s of {total:.2f}s fit time "
-                           f"({share:.0%}), {self.cost_steps:.0f} passes{over}")
+                           f"({share:.0%}), {self._passes_text()}")
 
     def state_dict(self) -> dict[str, Any]:
         return {
