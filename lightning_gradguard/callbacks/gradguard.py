@@ -251,13 +251,14 @@ class GradGuard(Callback):
         if trainer.is_global_zero:
             try:
                 self._decide(trainer, pl_module)
-                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.budget_rule)
+                result = (self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.cost_overhead,
+                          self.budget_rule)
             except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then raise
                 result = err
         result = broadcast_object(result)
         if isinstance(result, Exception):
             raise RuntimeError(f"GradGuard: deciding on global rank 0 failed: {result}") from result
-        self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.budget_rule = result
+        self.decisions, self.remedies, self.cost_seconds, self.cost_steps, self.cost_overhead, self.budget_rule = result
 
     def _from_checkpoint(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
