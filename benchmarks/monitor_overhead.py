@@ -24,10 +24,14 @@ Per model it also prints:
   buffer, and the per-row results and indices of its statistics plan); as a share of the parameters' memory,
   with the packed buffer's share and the rest per layer.
 
-    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--threads 1] [--write-readme]
+    python benchmarks/monitor_overhead.py [--steps 400] [--repeats 3] [--threads 1] [--accelerator cpu|gpu]
+        [--write-readme] [--block monitor-overhead]
 
-``--write-readme`` puts the table (markdown, with the command that made it) into README.md, block
-``monitor-overhead``.
+``--write-readme`` puts the table (markdown, with the command that made it) into README.md, block ``--block``
+(``monitor-overhead``; the GPU run writes ``monitor-overhead-gpu``). ``--accelerator gpu`` trains on the first
+CUDA GPU (data loaded on the CPU and moved by Lightning, as in most users' runs) and names the card; the
+kernel timings then synchronize the device around each timed batch of calls. Issue #13's targets are CPU
+targets; on a GPU the verdicts are printed for comparison.
 """
 
 from __future__ import annotations
@@ -200,6 +204,18 @@ def _callbacks(variant: str) -> list[pl.Callback]:
     return []
 
 
+ACCELERATOR = "cpu"  # set by --accelerator
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
+
+
+def _sync() -> None:
+    if ACCELERATOR == "gpu":
+        torch.cuda.synchronize()
+
+
 def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> tuple[list[float], list[pl.Callback]]:
     torch.manual_seed(0)
     net, loader = make(kind)
@@ -208,7 +224,7 @@ def fit(kind: str, variant: str, steps: int, extra: list[pl.Callback] = ()) -> t
     every = {"lightning_grad_norm_default": CADENCE, "lightning_grad_norm_every_step": 1}.get(variant, 0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp, name="b"), callbacks=callbacks,
+            max_steps=steps, accelerator=ACCELERATOR, devices=1, logger=TensorBoardLogger(tmp, name="b"), callbacks=callbacks,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
             log_every_n_steps=CADENCE, num_sanity_val_steps=0,
         )
@@ -220,9 +236,11 @@ def _best_call(fn, calls: int = 50, repeats: int = 5) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        _sync()
         best = min(best, (time.perf_counter() - start) / calls)
     return best
 
@@ -231,7 +249,8 @@ def kernels(kind: str) -> tuple[float, float, int]:
     """(one _foreach_norm pass, GradStatsPlan.moments(), parameter bytes) on the model's real gradients."""
     torch.manual_seed(0)
     net, loader = make(kind)
-    x, y = next(iter(loader))
+    net = net.to(_device())
+    x, y = (t.to(_device()) for t in next(iter(loader)))
     F.cross_entropy(net(x), y).backward()
     grads = [p.grad for p in net.parameters()]
     plan = GradStatsPlan(layer_groups(net, sample_input=x))
@@ -263,15 +282,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--write-readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--block", default=None,
+                        help="README block to write (default: monitor-overhead, or monitor-overhead-gpu on a GPU)")
     args = parser.parse_args()
+    global ACCELERATOR
+    ACCELERATOR = args.accelerator
+    if ACCELERATOR == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: no CUDA GPU is visible")
+    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if ACCELERATOR == "gpu"
+             else "CPU, torch threads={threads}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows, notes = [], []
     verdicts: dict[str, list[str]] = {"default": [], "every": [], "kernels": [], "lightning": [], "memory": []}
     print(f"{args.steps} steps, {args.repeats} interleaved runs, median of 50-step windows, "
-          f"torch threads={torch.get_num_threads()}")
+          f"{where.format(threads=torch.get_num_threads())}")
     print(f"{'model':<12} {'variant':<32} {'ms/step':>8} {'ratio':>7}")
     for kind in args.models.split(","):
         fit(kind, "none", 30)  # warm-up
@@ -319,9 +347,10 @@ def main() -> None:
     print("\n".join(targets), flush=True)
     if args.write_readme:
         cmd = (f"python benchmarks/monitor_overhead.py --steps {args.steps} --repeats {args.repeats} "
-               f"--threads {args.threads}")
+               f"--threads {args.threads}" + (" --accelerator gpu" if ACCELERATOR == "gpu" else ""))
         head = "| model | variant | ms/step | ratio |\n|---|---|---|---|"
-        write_block("monitor-overhead", f"`{cmd}` (CPU, torch threads={torch.get_num_threads()}; ms/step: median over "
+        block = args.block or ("monitor-overhead-gpu" if ACCELERATOR == "gpu" else "monitor-overhead")
+        write_block(block, f"`{cmd}` ({where.format(threads=torch.get_num_threads())}; ms/step: median over "
                     f"50-step windows, each holding one logging step of the default cadence, of {args.repeats} "
                     f"interleaved runs):\n\n{head}\n"
                     + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n\n" + "\n".join(targets))

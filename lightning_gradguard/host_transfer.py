@@ -7,6 +7,8 @@
   file). On the CPU the copy is the vector itself and the lists, the formatting and the writing also happen
   on the thread. :meth:`~BackgroundWriter.flush` waits until everything submitted is done (and re-raises the
   first error a function raised); :meth:`~BackgroundWriter.close` flushes and ends the thread.
+- :func:`to_device`: a small list of numbers (indices, initial values) put on the device without waiting for
+  it, where ``torch.tensor(values, device=...)`` waits for everything queued on the device (a host sync).
 - :class:`AsyncReader`: a small device tensor read without waiting: :meth:`~AsyncReader.poll` returns the
   values of the last copy once it has landed (``event.query()``, never ``synchronize``), and starts the next
   copy. On the CPU every poll returns the current values (there is no device to wait for).
@@ -26,9 +28,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+
+
+def to_device(values: Any, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync: the tensor is made on the host
+    and copied with ``non_blocking=True``. CUDA stages a copy from ordinary (pageable) host memory before the call
+    returns, so the host tensor may be freed at once and nothing waits for the device; the plain form copies with
+    ``cudaMemcpy`` and waits for the whole stream.
+
+    Example:
+        >>> to_device([2, 0, 1], "cpu", torch.long)
+        tensor([2, 0, 1])
+    """
+    host = torch.tensor(values, dtype=dtype) if not isinstance(values, torch.Tensor) else values.to(dtype or values.dtype)
+    device = torch.device(device)
+    if host.device == device:
+        return host
+    return host.to(device, non_blocking=host.device.type == "cpu")
 
 
 def _start_copy(joined: torch.Tensor, pool: dict[int, list[torch.Tensor]],
@@ -162,4 +181,4 @@ class AsyncReader:
         return value.detach().reshape(-1).float().cpu().tolist()
 
 
-__all__ = ["BackgroundWriter", "AsyncReader"]
+__all__ = ["BackgroundWriter", "AsyncReader", "to_device"]

@@ -25,6 +25,8 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
+from lightning_gradguard.host_transfer import to_device
+
 
 class StepNorms:
     """The per-gradient squared L2 norms of one optimizer step, shared (see the module docstring)."""
@@ -58,7 +60,7 @@ class StepNorms:
         cache_key = (want, str(self._sq.device))
         index = self._index.get(cache_key)
         if index is None:
-            index = self._index[cache_key] = torch.tensor(want, dtype=torch.long, device=self._sq.device)
+            index = self._index[cache_key] = to_device(want, self._sq.device, torch.long)
         self.hits += 1
         return self._sq.index_select(0, index)
 

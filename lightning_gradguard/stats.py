@@ -23,6 +23,7 @@ from torch import nn
 from lightning_gradguard import distributed
 from lightning_gradguard.activations import ACTIVATION_FUNCTIONS, RELU_FAMILY, SATURATING_BOUNDS
 from lightning_gradguard.graph import LayerInfo, find_layers, is_weighted, shared_parameters
+from lightning_gradguard.host_transfer import to_device
 
 GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_max", "grad_zero_frac", "grad_nonfinite")
 ACT_STATS = ("act_mean", "act_std", "act_dead_frac", "act_saturated_frac")
@@ -192,8 +193,8 @@ class GradStatsPlan:
         self._buckets = [_Bucket(dev, dtype, members, grads, chunk, self._device, budget)
                          for (dev, dtype), members in by_kind.items()]
         dev = self._device
-        self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
-        self._numel = torch.tensor([0.0 if g is None else float(g.numel()) for g in grads], device=dev)
+        self._to_group = to_device(self._group_index, dev, torch.long)
+        self._numel = to_device([0.0 if g is None else float(g.numel()) for g in grads], dev)
         self._weights = distributed.count_weights(self.params, dev) if self.sharded else None
         self._signature = signature
 
@@ -280,7 +281,7 @@ class GradStatsPlan:
 
     def _group_index_on(self, dev: torch.device) -> torch.Tensor:
         if self._to_group is None or self._to_group.device != dev:
-            self._to_group = torch.tensor(self._group_index, dtype=torch.long, device=dev)
+            self._to_group = to_device(self._group_index, dev, torch.long)
         return self._to_group
 
     def weight_sq(self) -> torch.Tensor:
@@ -385,7 +386,7 @@ class _Bucket:
             self.chunks.append(_Chunk(self.buffer, w, rows, parts, grads, self.res, self.top, len(row_tensor)))
             for t, a, b, _ in parts:
                 row_tensor += [t] * -(-(b - a) // w)
-        self.row_tensor = torch.tensor(row_tensor, dtype=torch.long, device=out_device)
+        self.row_tensor = to_device(row_tensor, out_device, torch.long)
 
     def reduce_into(self, grads: list[Optional[torch.Tensor]], per: torch.Tensor, amax: torch.Tensor) -> None:
         """Add this bucket's per-tensor sums of squares, sums, non-zero counts (and, off the CPU, non-finite counts)
@@ -470,7 +471,7 @@ def _group_sq(
     if distributed.any_dtensor(like) if sharded is None else sharded:
         sq = sq * distributed.count_weights(like, dev)
     if index is None:
-        index = torch.tensor(_flat(groups)[1], device=dev)
+        index = to_device(_flat(groups)[1], dev, torch.long)
     return torch.zeros(len(groups), device=dev).index_add_(0, index, sq)
 
 
@@ -584,9 +585,9 @@ class UpdateTracker:
         if local:
             key = (tuple(self._taken), str(local[0].device))
             self._index = self._index_cache.get(key)
-            if self._index is None:  # made once per subset (a list copied to the device each step would wait)
+            if self._index is None:  # made once per subset, copied without waiting for the device
                 index = [gi for gi in self._taken for _ in self.groups[gi].params]
-                self._index = self._index_cache[key] = torch.tensor(index, dtype=torch.long, device=local[0].device)
+                self._index = self._index_cache[key] = to_device(index, local[0].device, torch.long)
 
     @staticmethod
     def _into(scratch: Sequence[torch.Tensor], local: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -673,7 +674,7 @@ def histogram(x: torch.Tensor, bins: int = 30) -> torch.Tensor:
         return torch.zeros(bins + 5, device=x.device)
     lo, hi = v.min(), v.max()
     counts = _histc(v, lo, hi, bins)  # histc needs host-side bounds; this does not
-    head = torch.stack([lo, hi, torch.tensor(float(v.numel()), device=v.device), v.sum(), (v * v).sum()])
+    head = torch.stack([lo, hi, torch.full((), float(v.numel()), device=v.device), v.sum(), (v * v).sum()])
     return torch.cat([head, counts])
 
 

@@ -79,7 +79,7 @@ def test_readme_blocks_are_the_scripts_output():
     from benchmarks._readme import read_block
 
     for name in ("zoo", "monitor-overhead", "clipping_spikes", "demo-quickstart", "demo-overrides", "demo-init", "demo-surgery",
-                 "demo-clipping", "fault_zoo", "init-sweep-report", "compat"):
+                 "demo-clipping", "fault_zoo", "init-sweep-report", "compat", "gpu-checks", "monitor-overhead-gpu"):
         assert read_block(name).strip(), name
 
 

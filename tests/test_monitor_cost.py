@@ -323,3 +323,15 @@ def test_hooks_stay_between_consecutive_logging_steps_and_are_gone_otherwise(tmp
         assert all(e.value == 0.75 for e in events.Scalars("act_dead_frac/l2"))  # validation recorded nothing
         assert not model.l2._forward_hooks and not model.l1._forward_pre_hooks  # all removed at the end
     assert seen == {1: [0, 1, 1, 1, 1], 2: [0, 0, 0, 0, 0]}
+
+
+def test_to_device_builds_the_same_tensor_as_torch_tensor():
+    from lightning_gradguard.host_transfer import to_device
+
+    for values, dtype in (([2, 0, 1], torch.long), ([0.5, -1.0], None), ([], torch.long), ([1, 2], torch.float64)):
+        ref = torch.tensor(values, dtype=dtype)
+        got = to_device(values, "cpu", dtype)
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+    t = torch.arange(3)
+    assert to_device(t, torch.device("cpu")) is t  # already there: no copy
+    assert to_device(t, "cpu", torch.float32).dtype == torch.float32

@@ -25,7 +25,7 @@ from lightning_gradguard.stats import (
 )
 from lightning_gradguard.distributed import any_dtensor, check_strategy, local, reduce_sum_max
 from lightning_gradguard.act_stats import ActivationAccumulator, kept_by_autograd
-from lightning_gradguard.host_transfer import BackgroundWriter
+from lightning_gradguard.host_transfer import BackgroundWriter, to_device
 from lightning_gradguard.shared_norms import step_norms_for
 
 
@@ -508,7 +508,7 @@ class GradientMonitor(Callback):
         sq = torch.stack(torch._foreach_norm([g for _, g in have], 2)).float() ** 2
         if len(have) == len(plan.params):
             return sq
-        index = torch.tensor([k for k, _ in have], device=sq.device)
+        index = to_device([k for k, _ in have], sq.device, torch.long)
         return torch.zeros(len(plan.params), device=sq.device).index_copy_(0, index, sq)
 
     def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int,
@@ -528,7 +528,7 @@ class GradientMonitor(Callback):
         if self._nf_seen is None or self._nf_seen.device != dev:
             self._nf_seen = torch.zeros((), dtype=torch.bool, device=dev)
             self._nf_step = torch.full((), -1, dtype=torch.long, device=dev)
-            self._hard = torch.tensor([0.0, -1.0, 0.0, -1.0], device=dev)
+            self._hard = to_device([0.0, -1.0, 0.0, -1.0], dev)
             self._nf_flags, self._nf_index = {}, {}
         norms = sq.float().sqrt()
         bad = ~torch.isfinite(norms)
@@ -547,7 +547,7 @@ class GradientMonitor(Callback):
         top, at = big.max(dim=0)
         new_hard = (top > self.exploding_hard_norm) & (self._hard[0] == 0)
         if mine not in self._nf_index:  # parameter -> layer (global index), built once
-            self._nf_index[mine] = torch.tensor([float(mine[k]) for k in plan._group_index], device=dev)
+            self._nf_index[mine] = to_device([float(mine[k]) for k in plan._group_index], dev)
         group = self._nf_index[mine].index_select(0, at.reshape(1)).squeeze(0)  # no host read of `at`
         cand = torch.stack([torch.ones((), device=dev), torch.full((), float(step), device=dev), top, group])
         self._hard = torch.where(new_hard, cand, self._hard)
@@ -665,7 +665,7 @@ class GradientMonitor(Callback):
         key = (todo, tuple(pos[gi] for gi in todo), str(dev))
         at = self._pos_cache.get(key)
         if at is None:
-            at = self._pos_cache[key] = torch.tensor(key[1], dtype=torch.long, device=dev)
+            at = self._pos_cache[key] = to_device(key[1], dev, torch.long)
         return at
 
     def _tags(self, i: int) -> tuple[list[str], str, str, str, list[str]]:
