@@ -335,7 +335,7 @@ class ZScoreClipper:
 
 
 def agc_exempt_params(model: torch.nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> set[int]:
-    """``id``\ s of the parameters AGC leaves unclipped: the output layer's (the last weighted layer in forward
+    """The ``id`` of each parameter AGC leaves unclipped: the output layer's (the last weighted layer in forward
     order), as NFNets do (Brock et al. 2021, §4.1). ``layers``: a :func:`~lightning_gradguard.graph.find_layers`
     result already at hand."""
     layers = find_layers(model) if layers is None else layers

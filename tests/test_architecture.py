@@ -48,3 +48,17 @@ def test_unknown_root_attribute_is_an_attribute_error():
         assert "NoSuchThing" in str(err)
     else:
         raise AssertionError("lightning_gradguard.NoSuchThing did not raise AttributeError")
+
+
+def test_every_source_file_compiles_without_a_syntax_warning():
+    """An invalid escape like ``\\ `` in a docstring is a SyntaxWarning that users of Python 3.12+ see on import."""
+    import warnings
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for d in ("lightning_gradguard", "tests", "benchmarks", "examples") for p in (root / d).rglob("*.py")]
+    assert len(files) > 50
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -45,3 +45,18 @@ def test_held_out_zoo_is_drawn_from_the_same_ranges_and_differs_from_the_dev_zoo
     proc = subprocess.run([sys.executable, "benchmarks/doctor_zoo.py", "--zoo-seed", "-1"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "--zoo-seed=-1" in proc.stderr
+
+
+def test_cache_digest_ignores_documentation_but_not_code(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.doctor_zoo import _hash
+
+    src = tmp_path / "m.py"
+    src.write_text('"""Module."""\n\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n')
+    before = _hash([src])
+    src.write_text('"""Module, reworded."""\n\n\ndef f(x):\n    """Other doc."""\n    # a comment\n    return x + 1\n')
+    assert _hash([src]) == before  # docstrings, comments and blank lines: the cached fits stay valid
+    src.write_text('"""Module."""\n\ndef f(x):\n    """Doc."""\n    return x + 2\n')
+    assert _hash([src]) != before  # a change of behaviour re-runs them
+    src.write_text('"""Module."""\n\ndef f(x):\n    "Doc."\n    return "x + 1"\n')
+    assert _hash([src]) != before  # a string that is not a docstring is code
