@@ -47,6 +47,30 @@ class SharedReLU(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class RotatingMLP(pl.LightningModule):
+    """Seven 64-wide layers (one shared ``nn.ReLU``): larger than the monitor's smallest update-ratio buffer
+    (16 KiB), so the update ratios rotate over one layer per logging step, and each new set of layers needs its
+    index tensor at a step after the first ones (where a blocking copy of it would be a host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8 if k == 0 else 64, 64) for k in range(6)])
+        self.act = nn.ReLU()
+        self.out = nn.Linear(64, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.out(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)  # tensor optimizer state
+
+
 def _data(n: int = 64, features: int = 8):
     g = torch.Generator().manual_seed(0)
     return DataLoader(TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, 2, (n,), generator=g)),
@@ -196,13 +220,13 @@ def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(t
     monkeypatch.setattr(ActivationAccumulator, "add", _sync_free(ActivationAccumulator, ("add",), armed).add)
     monitor = Monitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False)
     clip = Clipping("percentile", warmup_steps=3, on_nonfinite="skip")
-    model = SharedReLU(lr=0.01, momentum=0.9)  # tensor optimizer state: the restore skipper needs no host read
+    model = RotatingMLP()  # update ratios rotate past the armed step; tensor optimizer state (restore skipper)
     trainer = pl.Trainer(max_steps=205, accelerator="gpu", devices=1, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1000,
                          callbacks=[Step(), monitor, clip], logger=TensorBoardLogger(tmp_path, name="tb"))
     trainer.fit(model, train_dataloaders=_data(205 * 8))
     events = load_events(trainer.logger.log_dir)
-    assert len(events.Scalars("grad_norm/l2")) == 205
+    assert len(events.Scalars("grad_norm/layers.1")) == 205
     assert step_norms_for(trainer).hits >= 200  # clipping used the monitor's read of the gradients
 
 
@@ -335,3 +359,16 @@ def test_to_device_builds_the_same_tensor_as_torch_tensor():
     t = torch.arange(3)
     assert to_device(t, torch.device("cpu")) is t  # already there: no copy
     assert to_device(t, "cpu", torch.float32).dtype == torch.float32
+
+
+def test_the_gpu_sync_test_model_rotates_update_ratios_past_the_armed_step(tmp_path):
+    """The 200-step GPU test arms at step 5; on its model some layers' update ratios are first measured after
+    that, so building their index tensors is inside the check (a small model, whose layers all fit in one
+    buffer, built its one index at step 0 and missed a blocking copy there)."""
+    monitor = GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=0, warn=False)
+    trainer = _trainer(tmp_path, [monitor], max_steps=10)
+    trainer.fit(RotatingMLP(), train_dataloaders=_data(80))
+    events = load_events(trainer.logger.log_dir)
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("update_ratio/")]
+    first = {t: min(e.step for e in events.Scalars(t)) for t in tags}
+    assert len(first) == 7 and max(first.values()) >= 5, first
