@@ -43,6 +43,7 @@ import logging
 import random
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -263,8 +264,13 @@ REMEDY_CODE = ("activations.py", "graph.py", "init.py", "lsuv.py", "pretrained.p
 
 def _code(path: Path) -> bytes:
     """What a module does, without what it says: its syntax tree with docstrings dropped (comments, blank lines
-    and line numbers are not in the tree), so an edit to documentation alone keeps the cached fits."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    and line numbers are not in the tree), so an edit to documentation alone keeps the cached fits. The dump's
+    format belongs to the Python version: another interpreter re-runs the fits (a miss, never a wrong hit)."""
+    return _tree(path.read_text(encoding="utf-8"))
+
+
+def _tree(source: str) -> bytes:
+    tree = ast.parse(textwrap.dedent(source))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
@@ -285,8 +291,8 @@ def remedy_digest() -> str:
     """Digest of what the remedy-subset fits depend on: the remedy code and this script's nets, recipes and fit."""
     pkg = ROOT / "lightning_gradguard"
     paths = sorted(q for name in REMEDY_CODE for q in ([pkg / name] if name.endswith(".py") else (pkg / name).rglob("*.py")))
-    src = "".join(inspect.getsource(o) for o in (FunctionalBlock, ZooNet, zoo, heldout_zoo, build, recipe, fit))
-    return _hash(paths, src + repr((EPOCHS, SEED, LR, SUBSETS)))
+    src = b"".join(_tree(inspect.getsource(o)) for o in (FunctionalBlock, ZooNet, zoo, heldout_zoo, build, recipe, fit))
+    return _hash(paths, src.decode() + repr((EPOCHS, SEED, LR, SUBSETS)))
 
 
 def digest() -> str:

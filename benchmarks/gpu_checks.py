@@ -7,11 +7,17 @@ GPU and creates the optimizer state), CUDA's sync debug mode is ``"warn"`` for t
 synchronizing CUDA operation (``.item()``, a blocking copy, ``synchronize``) raises a warning, which is counted
 with the Python stack that made it, and with its phase: during the steps, or at the end of fit (from
 ``on_train_end`` on: the writers' flush, the final report, Lightning moving the model and optimizer state back to
-the CPU), where waiting for the device is expected. A sync is gradguard's when any frame of that stack is in ``lightning_gradguard/``
-(the training thread's hooks, the forward hooks and the background writer thread alike); otherwise it is
-Lightning's or torch's own (e.g. Lightning reading the values logged with ``self.log`` every
-``Trainer(log_every_n_steps)`` steps, 50 by default, or the GradScaler's check under 16-mixed). The same model
-without any gradguard callback is the baseline of those.
+the CPU), where waiting for the device is expected.
+
+A sync is gradguard's when any frame of that stack is in ``lightning_gradguard/`` (the training thread's hooks,
+the forward hooks and the background writer thread alike). That errs on the side of blaming gradguard: under
+step skipping, ``StepSkipper`` wraps ``optimizer.step``, so Lightning's closure (forward, backward, the other
+callbacks' hooks) runs below a gradguard frame and its syncs would count as gradguard's. Otherwise a sync is
+Lightning's or torch's own, e.g. Lightning reading the values logged with ``self.log`` every
+``Trainer(log_every_n_steps)`` steps (50 by default), or the GradScaler's check under 16-mixed. Some of those are
+caused by gradguard: ``GradientClipping`` logs its scalars with ``self.log``, and Lightning reads each one with
+``.item()`` on its own logging steps (the 40-step configurations end before Lightning's first one, at step 50).
+The same model without any gradguard callback is the baseline of those.
 
 Configurations: ``GradientMonitor`` logging every step (all statistics, activations included) with
 ``GradientClipping("percentile", on_nonfinite="skip")`` (issue #13's check), the monitor at its default cadence

@@ -4,8 +4,9 @@ A diagnostic, not a ratio: ``monitor_overhead.py`` measures what the monitor cos
 Trains ``monitor_overhead.py``'s models (the same data, optimizer and Lightning settings) with
 ``GradientMonitor`` at the default cadence (every 50 steps), wraps each of its Lightning hooks in a timer, and
 prints the mean host time per step of each hook, separately for logging steps and for the others, next to the
-mean time of a whole step of each kind. On a GPU a hook's host time is the time to launch its kernels (nothing
-in them waits for the device); the writer thread's work is not in any hook.
+mean time of a whole step of each kind. On a GPU a hook's host time is mostly the time to launch its kernels
+(none of them waits for the device, but a full launch queue can make a launch wait); the writer thread's work is
+not in any hook.
 
     python benchmarks/hook_times.py [--models mlp-50x32] [--steps 300] [--accelerator cpu|gpu] [--threads 1]
 
@@ -47,6 +48,7 @@ class Timed(GradientMonitor):
         self.times: dict[tuple[str, str], float] = defaultdict(float)
         self.starts: list[float] = []
         self.kinds: list[str] = []
+        self.step = 0
 
     def _kind(self, trainer) -> str:
         return "logging" if trainer.global_step % self.log_every_n_steps == 0 else "other"
@@ -64,15 +66,16 @@ class Starts(pl.Callback):
 
 def _wrap(name: str):
     def hook(self, trainer, *args, **kwargs):
-        if name == "on_train_batch_start":  # the step's kind, kept for its later hooks (global_step moves on
-            self.starts.append(time.perf_counter())  # at the optimizer step)
+        if name == "on_train_batch_start":  # the step's number and kind, kept for its later hooks (global_step
+            self.starts.append(time.perf_counter())  # moves on at the optimizer step)
             self.kinds.append(self._kind(trainer))
+            self.step = trainer.global_step
         kind = self.kinds[-1] if self.kinds else self._kind(trainer)
         start = time.perf_counter()
         try:
             return getattr(GradientMonitor, name)(self, trainer, *args, **kwargs)
         finally:
-            if trainer.global_step >= SKIP:  # fit start's fixed costs (first plans, buffers) left out
+            if self.step >= SKIP:  # fit start's fixed costs (first plans, buffers) left out
                 self.times[(kind, name)] += time.perf_counter() - start
     return hook
 

@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from lightning_gradguard.activations import RELU_FAMILY, SATURATING_BOUNDS
+from lightning_gradguard.host_transfer import to_device
 
 #: outputs of at most this many elements may wait to be reduced with others (larger ones: at once)
 SMALL = 1 << 15
@@ -229,12 +230,11 @@ class ActivationAccumulator:
         key = (tuple(meta), tuple(order), str(device))
         raw = torch.cat([b.raw.to(device) for b in self._blocks]) if len(self._blocks) > 1 else self._blocks[0].raw.to(device)
         if order != list(range(len(meta))):
-            raw = raw.index_select(0, self._const(("order", key), lambda: torch.tensor(order, dtype=torch.long,
-                                                                                          device=device)))
+            raw = raw.index_select(0, self._const(("order", key), lambda: to_device(order, device, torch.long)))
         wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        info = self._const(("info", key, wide), lambda: torch.tensor(
+        info = self._const(("info", key, wide), lambda: to_device(
             [[float(max(meta[j][1], 1)), float(max(meta[j][2], 1)), float(meta[j][2] > 0), float(meta[j][3])]
-             for j in order], dtype=wide, device=device))
+             for j in order], device, wide))
         raw = raw.to(wide)
         count, units, is_relu, is_sat = info.unbind(1)
         mean = raw[:, 0] / count

@@ -34,10 +34,13 @@ import torch
 
 
 def to_device(values: Any, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync: the tensor is made on the host
-    and copied with ``non_blocking=True``. CUDA stages a copy from ordinary (pageable) host memory before the call
-    returns, so the host tensor may be freed at once and nothing waits for the device; the plain form copies with
-    ``cudaMemcpy`` and waits for the whole stream.
+    """``torch.tensor(values, dtype=dtype, device=device)`` without waiting for the device's stream: on a CUDA
+    device the tensor is made on the host and copied with ``non_blocking=True``. CUDA stages a copy from ordinary
+    (pageable) host memory before the call returns, so the host tensor may be freed at once; the copy does not
+    wait for the kernels queued before it (the driver may still hold the host briefly while it stages), where the
+    plain form synchronizes the stream after its copy (a host sync, which ``set_sync_debug_mode`` reports). Other
+    devices get the plain blocking copy: a non-blocking copy from a pageable host tensor freed at once is not safe
+    on every backend (MPS).
 
     Example:
         >>> to_device([2, 0, 1], "cpu", torch.long)
@@ -47,7 +50,7 @@ def to_device(values: Any, device: Union[str, torch.device], dtype: Optional[tor
     device = torch.device(device)
     if host.device == device:
         return host
-    return host.to(device, non_blocking=host.device.type == "cpu")
+    return host.to(device, non_blocking=host.device.type == "cpu" and device.type == "cuda")
 
 
 def _start_copy(joined: torch.Tensor, pool: dict[int, list[torch.Tensor]],

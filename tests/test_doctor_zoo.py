@@ -60,3 +60,5 @@ def test_cache_digest_ignores_documentation_but_not_code(tmp_path):
     assert _hash([src]) != before  # a change of behaviour re-runs them
     src.write_text('"""Module."""\n\ndef f(x):\n    "Doc."\n    return "x + 1"\n')
     assert _hash([src]) != before  # a string that is not a docstring is code
+    src.write_text('"""Module."""\n\ndef f(x):\n    """Doc."""\n    "a statement after the first"\n    return x + 1\n')
+    assert _hash([src]) != before  # only the first statement can be a docstring

@@ -227,6 +227,9 @@ def test_no_host_sync_in_200_steps_logging_every_step_with_percentile_clipping(t
     trainer.fit(model, train_dataloaders=_data(205 * 8))
     events = load_events(trainer.logger.log_dir)
     assert len(events.Scalars("grad_norm/layers.1")) == 205
+    # a sync in the activation statistics would raise inside a forward hook, which the monitor turns into a
+    # warning and a missing row: every step has its rows
+    assert all(len(events.Scalars(f"act_dead_frac/layers.{k}")) == 205 for k in range(6))
     assert step_norms_for(trainer).hits >= 200  # clipping used the monitor's read of the gradients
 
 
@@ -358,6 +361,8 @@ def test_to_device_builds_the_same_tensor_as_torch_tensor():
         assert got.dtype == ref.dtype and torch.equal(got, ref)
     t = torch.arange(3)
     assert to_device(t, torch.device("cpu")) is t  # already there: no copy
+    moved = to_device([1.5, 2.5], "meta")  # another device: the copy branch (shape and dtype; meta has no values)
+    assert moved.device.type == "meta" and moved.shape == (2,) and moved.dtype == torch.get_default_dtype()
     assert to_device(t, "cpu", torch.float32).dtype == torch.float32
 
 
