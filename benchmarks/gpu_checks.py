@@ -48,7 +48,6 @@ from pathlib import Path
 import lightning
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -56,14 +55,16 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package
 from benchmarks._readme import write_block  # noqa: E402
+from benchmarks.monitor_overhead import Task  # noqa: E402
 from lightning_gradguard import GradientClipping, GradientMonitor  # noqa: E402
 
 ARM_AT = 1  # after the first step (it moves clipping state to the GPU and builds the optimizer state)
 PACKAGE = str(ROOT / "lightning_gradguard")
 
 
-class SharedActMLP(pl.LightningModule):
-    """12 Linear layers, the hidden ones all followed by the same ``nn.ReLU`` module, then Tanh before the head."""
+class SharedActMLP(nn.Module):
+    """12 Linear layers, the hidden ones all followed by the same ``nn.ReLU`` module, then Tanh before the head.
+    Trained by ``monitor_overhead.py``'s ``Task`` (cross-entropy, SGD with momentum: tensor optimizer state)."""
 
     def __init__(self, width: int = 64, depth: int = 12):
         super().__init__()
@@ -75,13 +76,6 @@ class SharedActMLP(pl.LightningModule):
         for k, layer in enumerate(self.layers):
             x = (self.last_act if k == len(self.layers) - 1 else self.act)(layer(x))
         return self.head(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)  # tensor optimizer state
 
 
 class SyncCounter(pl.Callback):
@@ -181,7 +175,7 @@ def run(steps: int, trainer_kwargs: dict, factories: list, dry_run: bool = False
                              **trainer_kwargs)
         start = time.perf_counter()
         try:
-            trainer.fit(SharedActMLP(), train_dataloaders=loader)
+            trainer.fit(Task(SharedActMLP()), train_dataloaders=loader)
         finally:
             counter.disarm()
         seconds = time.perf_counter() - start

@@ -291,15 +291,15 @@ def main() -> None:
     ACCELERATOR = args.accelerator
     if ACCELERATOR == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu: no CUDA GPU is visible")
-    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if ACCELERATOR == "gpu"
-             else "CPU, torch threads={threads}")
     torch.set_num_threads(args.threads)
+    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if ACCELERATOR == "gpu"
+             else f"CPU, torch threads={torch.get_num_threads()}")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows, notes = [], []
     verdicts: dict[str, list[str]] = {"default": [], "every": [], "kernels": [], "lightning": [], "memory": []}
     print(f"{args.steps} steps, {args.repeats} interleaved runs, median of 50-step windows, "
-          f"{where.format(threads=torch.get_num_threads())}")
+          f"{where}")
     print(f"{'model':<12} {'variant':<32} {'ms/step':>8} {'ratio':>7}")
     for kind in args.models.split(","):
         fit(kind, "none", 30)  # warm-up
@@ -350,7 +350,7 @@ def main() -> None:
                f"--threads {args.threads}" + (" --accelerator gpu" if ACCELERATOR == "gpu" else ""))
         head = "| model | variant | ms/step | ratio |\n|---|---|---|---|"
         block = args.block or ("monitor-overhead-gpu" if ACCELERATOR == "gpu" else "monitor-overhead")
-        write_block(block, f"`{cmd}` ({where.format(threads=torch.get_num_threads())}; ms/step: median over "
+        write_block(block, f"`{cmd}` ({where}; ms/step: median over "
                     f"50-step windows, each holding one logging step of the default cadence, of {args.repeats} "
                     f"interleaved runs):\n\n{head}\n"
                     + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n\n" + "\n".join(targets))
