@@ -377,3 +377,21 @@ def test_the_gpu_sync_test_model_rotates_update_ratios_past_the_armed_step(tmp_p
     tags = [t for t in events.Tags()["scalars"] if t.startswith("update_ratio/")]
     first = {t: min(e.step for e in events.Scalars(t)) for t in tags}
     assert len(first) == 7 and max(first.values()) >= 5, first
+
+
+def test_gradient_norms_with_a_missing_gradient_reuse_one_index_tensor():
+    """The every-step check's per-gradient norms put 0 where a parameter has no gradient; the index that places
+    the others is made once, not copied to the device at every step."""
+    from lightning_gradguard.stats import GradStatsPlan, layer_groups
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    net(x).sum().backward()
+    net[0].bias.grad = None
+    plan = GradStatsPlan(layer_groups(net, sample_input=x))
+    monitor = GradientMonitor()
+    expected = torch.tensor([0.0 if p.grad is None else float(p.grad.norm() ** 2) for p in plan.params])
+    first, second = monitor._tensor_sq(plan), monitor._tensor_sq(plan)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert len(monitor._pos_cache) == 1

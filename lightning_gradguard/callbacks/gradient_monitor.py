@@ -230,7 +230,7 @@ class GradientMonitor(Callback):
         self._trackers: dict[tuple[int, ...], UpdateTracker] = {}
         self._step_stats: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor, GradStatsPlan]] = []
         self._trackers_used: list[tuple[tuple[int, ...], UpdateTracker, GradStatsPlan]] = []
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_cache: dict[tuple, torch.Tensor] = {}  # index tensors by (positions, device): _index_on
         self._ratios: dict[int, float] = {}  # each layer's last measured update ratio
         self._tag_cache: dict[int, tuple] = {}
         self._label_cache: dict[int, str] = {}
@@ -495,8 +495,7 @@ class GradientMonitor(Callback):
             cached = self._mine[id(optimizer)] = (count, mine)
         return cached[1]
 
-    @staticmethod
-    def _tensor_sq(plan: GradStatsPlan, weights: bool = False) -> Optional[torch.Tensor]:
+    def _tensor_sq(self, plan: GradStatsPlan, weights: bool = False) -> Optional[torch.Tensor]:
         """Squared norm of each of ``plan``'s gradients (0 where there is none), or of its parameters with
         ``weights=True``: one ``_foreach_norm`` pass."""
         if weights:
@@ -508,7 +507,7 @@ class GradientMonitor(Callback):
         sq = torch.stack(torch._foreach_norm([g for _, g in have], 2)).float() ** 2
         if len(have) == len(plan.params):
             return sq
-        index = to_device([k for k, _ in have], sq.device, torch.long)
+        index = self._index_on(tuple(k for k, _ in have), sq.device)
         return torch.zeros(len(plan.params), device=sq.device).index_copy_(0, index, sq)
 
     def _track_nonfinite(self, mine: tuple[int, ...], plan: GradStatsPlan, sq: torch.Tensor, step: int,
@@ -662,10 +661,15 @@ class GradientMonitor(Callback):
         self._writer.submit(tensors, lambda host: self._write(trainer, ctx, host))  # one device → host transfer
 
     def _positions(self, todo: tuple[int, ...], pos: dict[int, int], dev: torch.device) -> torch.Tensor:
-        key = (todo, tuple(pos[gi] for gi in todo), str(dev))
+        return self._index_on(tuple(pos[gi] for gi in todo), dev)
+
+    def _index_on(self, values: tuple[int, ...], dev: torch.device) -> torch.Tensor:
+        """``values`` as a long tensor on ``dev``, made once per (values, device): not a copy to the device on
+        every step that needs it."""
+        key = (values, str(dev))
         at = self._pos_cache.get(key)
         if at is None:
-            at = self._pos_cache[key] = to_device(key[1], dev, torch.long)
+            at = self._pos_cache[key] = to_device(values, dev, torch.long)
         return at
 
     def _tags(self, i: int) -> tuple[list[str], str, str, str, list[str]]:
